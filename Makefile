@@ -1,0 +1,35 @@
+# Two commands on a fresh machine: `make demo` (main job) and `make test` (test suite).
+# Both create .venv on first use. torch + torchvision come from the package registry as one matched
+# build (a CPU-only torch wheel cached on some machines breaks torchvision, so pip runs --isolated).
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+CERT ?= /etc/ssl/certs/ca-certificates.crt
+STAMP := $(VENV)/.installed
+export MUJOCO_GL ?= egl
+export PYOPENGL_PLATFORM ?= egl
+
+.PHONY: venv demo test test-slow clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/python -c "import torch, torchvision" 2>/dev/null || \
+	  $(BIN)/pip install -q --isolated $$(test -f $(CERT) && echo --cert $(CERT)) torch==2.13.0 torchvision==0.28.0
+	$(BIN)/pip install -q -e ".[ros,sim,dev]" -e ros2_ws/src/vqbet_ros
+	$(BIN)/python -c "import torch, torchvision, zarr, onnxruntime, rclpy; print('venv ready: torch', torch.__version__, 'torchvision', torchvision.__version__)"
+	touch $(STAMP)
+
+demo: venv
+	$(BIN)/python -m vqbet_core.demo --out runs/demo
+
+test: venv
+	$(BIN)/python -m pytest -q tests
+
+test-slow: venv
+	$(BIN)/python -m pytest -q -m slow tests
+
+clean:
+	rm -rf runs .pytest_cache

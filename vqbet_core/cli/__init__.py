@@ -1,0 +1,1 @@
+"""Subcommands of the ``vqbet`` command (see ``vqbet_core.cli.main``)."""

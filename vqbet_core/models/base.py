@@ -1,0 +1,106 @@
+"""The one interface that VQ-BeT and the BeT baseline both implement.
+
+Training (``vqbet_core.train``), rollouts (``vqbet_core.agent``) and export (``vqbet_core.export``)
+only talk to this interface, so both policies are treated alike.
+
+Tensors are always in *normalized* units (see ``vqbet_core.data.normalize``):
+- ``obs``     float32 ``(B, T, D)``: T = ``obs_window`` observation steps, oldest first, D = fused obs dim.
+- ``goal``    float32 ``(B, G)`` or ``None``: goal vector for goal-conditioned models (one goal token).
+- ``actions`` float32 ``(B, T, W, A)``: for each history step t, the action chunk a[t .. t+W-1].
+
+Phases: phase 1 fits the action tokenizer (residual VQ-VAE for VQ-BeT, k-means bins for BeT);
+phase 2 trains the GPT and heads with the tokenizer frozen.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+
+@dataclass
+class Heads:
+    """Deterministic outputs of the policy graph for the *last* history step (what ONNX exports).
+
+    ``logits``: ``(B, L, C)`` code logits per tokenizer layer (L=2 for VQ-BeT, L=1 for BeT).
+    ``secondary_given_primary``: ``(B, C, C)`` secondary logits conditioned on each possible primary
+    code (sequential selection), or ``None``.
+    ``offsets``: ``(B, L, C, W*A)`` per-layer, per-code offsets; the chunk offset is the sum over
+    layers of the offsets of the chosen codes.
+    """
+
+    logits: torch.Tensor
+    secondary_given_primary: torch.Tensor | None
+    offsets: torch.Tensor
+
+
+class Policy(nn.Module, ABC):
+    kind: str = "base"
+
+    def __init__(self, cfg: dict, obs_dim: int, action_dim: int, goal_dim: int = 0):
+        super().__init__()
+        self.cfg = cfg
+        self.obs_dim = obs_dim
+        self.action_dim = action_dim
+        self.goal_dim = goal_dim
+        self.obs_window = int(cfg["obs_window"])
+        self.action_chunk = int(cfg["action_chunk"])
+
+    # ---------------------------------------------------------------- phase 1
+    @abstractmethod
+    def fit_tokenizer_init(self, all_actions: np.ndarray, action_chunks: np.ndarray) -> None:
+        """Called once before phase 1 with every normalized action ``(N, A)`` and chunk ``(N, W, A)``.
+
+        BeT fits k-means here (its whole phase 1); VQ-BeT may use it for nothing or for code init.
+        """
+
+    @abstractmethod
+    def tokenizer_loss(self, chunks: torch.Tensor) -> tuple[torch.Tensor, dict] | None:
+        """Phase-1 loss on chunks ``(B, W, A)``; ``None`` when the tokenizer has no gradient training."""
+
+    @abstractmethod
+    def tokenizer_stats(self, chunks: torch.Tensor) -> dict:
+        """Tokenizer quality on chunks: reconstruction error, codes used, code pairs used, perplexity."""
+
+    def tokenizer_parameters(self):
+        return []
+
+    # ---------------------------------------------------------------- phase 2
+    @abstractmethod
+    def policy_loss(self, obs: torch.Tensor, goal: torch.Tensor | None, actions: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """Phase-2 loss over every history step; returns (loss, scalar metrics for logging)."""
+
+    @abstractmethod
+    def policy_parameters(self) -> list[nn.Parameter]:
+        """Parameters trained in phase 2 (GPT + heads, never the tokenizer)."""
+
+    @abstractmethod
+    def offset_head_parameters(self) -> list[nn.Parameter]:
+        """The offset head only (trained alone in the last part of phase 2, as the official code does)."""
+
+    # ---------------------------------------------------------------- inference
+    @abstractmethod
+    def heads(self, obs: torch.Tensor, goal: torch.Tensor | None) -> Heads:
+        """Deterministic graph: history ``(B, T, D)`` (+ goal) -> logits and offsets for the last step."""
+
+    @abstractmethod
+    def decode_table(self) -> torch.Tensor:
+        """Decoded chunk for every code tuple: ``(C,)*L + (W*A,)`` i.e. ``(C, C, W*A)`` or ``(K, A)``.
+
+        Runtime decoding is then ``table[codes] + sum_l offsets[l, codes[l]]`` with no network.
+        """
+
+    @torch.no_grad()
+    def predict(self, obs: torch.Tensor, goal: torch.Tensor | None, temperature: float = 1.0,
+                generator: torch.Generator | None = None, sequential: bool | None = None) -> torch.Tensor:
+        """Sample codes and decode: returns the normalized action chunk ``(B, W, A)`` for the last step."""
+        from vqbet_core.models.sampling import sample_and_decode
+
+        h = self.heads(obs, goal)
+        return sample_and_decode(h, self.decode_table(), self.action_chunk, self.action_dim,
+                                 temperature=temperature, generator=generator,
+                                 sequential=self.cfg.get("sampling", {}).get("sequential", True) if sequential is None else sequential)

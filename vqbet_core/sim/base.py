@@ -1,0 +1,98 @@
+"""The common interface of the simulated tasks (multipath, blockpush, pusht_image, kitchen).
+
+An env produces observation dicts whose keys are dataset keys (``state`` / ``robot_joint`` vectors,
+``camera_<name>`` uint8 RGB images) and takes the dataset's ``action``. Each env ships a scripted
+expert with several distinct behaviour modes and the metrics the papers use for it.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass
+class EpisodeResult:
+    """What one rollout achieved; ``mode`` is the behaviour mode label (route, task order, ...)."""
+
+    success: bool
+    mode: str | None = None
+    length: int = 0
+    info: dict = field(default_factory=dict)
+
+
+class Expert(ABC):
+    """A scripted demonstrator; ``reset`` picks (at random, from ``rng``) which mode to perform."""
+
+    @abstractmethod
+    def reset(self, env: "SimEnv", rng: np.random.Generator) -> None: ...
+
+    @abstractmethod
+    def act(self, obs: dict) -> np.ndarray: ...
+
+
+class SimEnv(ABC):
+    name: str = "base"
+    action_key: str = "action"
+
+    @property
+    @abstractmethod
+    def obs_keys(self) -> list[str]:
+        """Low-dim observation keys (vectors) this env emits."""
+
+    @property
+    def image_keys(self) -> list[str]:
+        """``camera_<name>`` keys this env emits (empty unless images are enabled)."""
+        return []
+
+    @property
+    @abstractmethod
+    def action_dim(self) -> int: ...
+
+    @property
+    @abstractmethod
+    def max_steps(self) -> int: ...
+
+    @abstractmethod
+    def reset(self, seed: int | None = None) -> dict:
+        """Start an episode; deterministic for a given seed. Returns the first observation dict."""
+
+    @abstractmethod
+    def step(self, action: np.ndarray) -> tuple[dict, bool]:
+        """Apply one action; returns (observation dict, done)."""
+
+    @abstractmethod
+    def result(self) -> EpisodeResult:
+        """Outcome of the current episode so far (success, mode label, env-specific info)."""
+
+    @abstractmethod
+    def make_expert(self) -> Expert: ...
+
+    def render(self) -> np.ndarray:
+        """RGB frame ``(H, W, 3)`` uint8 for videos / contact sheets."""
+        raise NotImplementedError(f"{self.name} has no renderer")
+
+    def dataset_attrs(self) -> dict:
+        """Attributes written into the dataset's ``.zattrs`` (joint names, control_hz, ...)."""
+        return {"source": f"sim:{self.name}"}
+
+    @staticmethod
+    @abstractmethod
+    def summarize(results: list[EpisodeResult], demo_modes: list[str] | None = None) -> dict:
+        """The paper's metrics over rollouts, as a flat JSON-able dict.
+
+        ``demo_modes``: the demonstrations' mode labels, for mode-frequency comparisons.
+        """
+
+    def close(self) -> None:
+        pass
+
+
+def mode_frequencies(modes: list[str | None], keys: list[str] | None = None) -> dict[str, float]:
+    """Fraction of each mode label (keys sorted; ``None`` counted as ``"none"``)."""
+    labels = ["none" if m is None else m for m in modes]
+    keys = sorted(set(labels) | set(keys or []))
+    n = max(len(labels), 1)
+    return {k: labels.count(k) / n for k in keys}
