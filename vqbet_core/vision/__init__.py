@@ -1,0 +1,1 @@
+"""Image observations: one preprocessing definition and the frozen ResNet-18 encoder."""
