@@ -1,0 +1,79 @@
+"""``vqbet eval``: closed-loop rollouts in simulation; prints one JSON line of the env's metrics."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def add_arguments(p) -> None:
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", help="run folder written by vqbet train (torch)")
+    src.add_argument("--model", help="exported model folder (onnxruntime, as on the robot)")
+    p.add_argument("--env", required=True, help="multipath | blockpush | pusht_image | kitchen")
+    p.add_argument("--episodes", type=int, default=50)
+    p.add_argument("--seed", type=int, default=1000, help="env seed of the first episode (then +1 per episode)")
+    p.add_argument("--max-steps", type=int, default=None)
+    p.add_argument("--temperature", type=float, default=None, help="sampling temperature (default: the model's)")
+    p.add_argument("--env-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="env constructor argument (default: the ones the training demos were made with)")
+    p.add_argument("--plot", help="save a plot (trajectories for multipath, mode frequencies otherwise) to this PNG")
+    p.add_argument("--video", help="save an mp4 of the first episode")
+    p.add_argument("--contact-sheet", help="save a contact sheet PNG of the first episode")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--progress", action="store_true", help="show a progress bar")
+
+
+def parse_env_args(items: list[str]) -> dict:
+    import yaml
+
+    from vqbet_core.errors import VqbetError
+
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise VqbetError(f"--env-arg expects KEY=VALUE, got '{item}'")
+        k, v = item.split("=", 1)
+        out[k] = yaml.safe_load(v)
+    return out
+
+
+def run(args) -> int:
+    import torch
+
+    from vqbet_core.evaluate import contact_sheet, plot_mode_frequencies, rollout, write_video
+    from vqbet_core.sim import make_env
+
+    if args.checkpoint:
+        from vqbet_core.agent import TorchAgent
+
+        agent = TorchAgent(args.checkpoint, device=args.device, temperature=args.temperature, seed=args.seed)
+        attrs = agent.meta.get("dataset_attrs", {})
+    else:
+        from vqbet_core.runtime.agent import RuntimeAgent
+
+        agent = RuntimeAgent(args.model, temperature=args.temperature, seed=args.seed)
+        attrs = agent.model.meta.get("dataset_attrs", {})
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    env_args = {**(attrs.get("env_args") or {}), **parse_env_args(args.env_arg)}
+    env = make_env(args.env, **env_args)
+    want_frames = 1 if (args.video or args.contact_sheet) else 0
+    results, trajectories, frames = rollout(env, agent, args.episodes, seed=args.seed, max_steps=args.max_steps,
+                                            frames_for=want_frames, progress=args.progress)
+    metrics = env.summarize(results, attrs.get("episode_modes"))
+    if args.plot:
+        if args.env == "multipath":
+            from vqbet_core.sim.multipath import plot_trajectories
+
+            plot_trajectories(trajectories, [r.mode for r in results], args.plot, env)
+        else:
+            freq_key = next((k for k in metrics if k.endswith("_freq") and not k.startswith("demo_")), None)
+            if freq_key:
+                plot_mode_frequencies(metrics[freq_key], metrics.get(f"demo_{freq_key}"), args.plot, f"{args.env}: mode frequencies")
+    if frames and args.video:
+        write_video(frames[0], args.video, fps=float(attrs.get("control_hz", 10)))
+    if frames and args.contact_sheet:
+        contact_sheet(frames[0], args.contact_sheet)
+    env.close()
+    print(json.dumps({"env": args.env, "source": str(Path(args.checkpoint or args.model)), **metrics}))
+    return 0

@@ -1,0 +1,44 @@
+"""``vqbet train``: phase 1 (tokenizer) then phase 2 (GPT), resumable; ``torchrun`` for multi-GPU."""
+
+from __future__ import annotations
+
+import json
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--config", required=True, help="named config (e.g. multipath) or a YAML file")
+    p.add_argument("--data", required=True, help="zarr dataset (DESIGN.md section 3)")
+    p.add_argument("--out", required=True, help="run folder: checkpoints, metrics.jsonl, loss.png")
+    p.add_argument("--phase", choices=["all", "1", "2"], default="all", help="train both phases (default) or one")
+    p.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint in --out and start over")
+    p.add_argument("--device", default=None, help="cpu | cuda | cuda:N | auto (default: config train.device)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set train.phase2_steps=2000 (repeatable)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def run(args) -> int:
+    from vqbet_core.config import load_config, set_dotted, validate_config
+    from vqbet_core.errors import ConfigError
+
+    cfg = load_config(args.config)
+    for item in args.set:
+        if "=" not in item:
+            raise ConfigError(f"--set expects KEY=VALUE, got '{item}'")
+        key, value = item.split("=", 1)
+        set_dotted(cfg, key, value)
+    if args.device:
+        cfg["train"]["device"] = args.device
+    validate_config(cfg, args.config)
+
+    import torch
+
+    from vqbet_core.train.trainer import Trainer
+
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    trainer = Trainer(cfg, args.data, args.out, fresh=args.fresh, progress=not args.no_progress)
+    meta = trainer.run(args.phase)
+    if trainer.is_main:
+        print(json.dumps({"run": str(args.out), "policy": cfg["policy"], "phase1_step": meta["phase1_step"],
+                          "phase2_step": meta["phase2_step"], "data_hash": meta["data_hash"]}))
+    return 0

@@ -1,0 +1,112 @@
+"""Training tensors: a dataset loaded once, normalized and fused, sampled as windows on the device.
+
+Low-dim datasets fit in memory many times over, and image observations are reduced to cached
+512-d features (``vqbet_core.vision.feature_cache``) before training, so every batch is a pure
+index-gather on the device: no DataLoader workers, no per-step decoding.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from vqbet_core.data.normalize import Normalizer
+from vqbet_core.data.sampler import SequenceSampler, split_episodes
+from vqbet_core.data.store import ZarrDataset
+
+
+def dataset_hash(ds: ZarrDataset, keys: list[str]) -> str:
+    """Content hash of the committed part of ``keys`` plus episode_ends (identifies the training data)."""
+    h = hashlib.sha256(ds.episode_ends.tobytes())
+    for key in sorted(keys):
+        h.update(key.encode())
+        arr = ds.array(key)
+        step = max(1, 65536 // max(1, int(np.prod(arr.shape[1:]))))
+        for start in range(0, ds.n_steps, step):
+            h.update(np.ascontiguousarray(arr[start : min(start + step, ds.n_steps)]).tobytes())
+    return h.hexdigest()[:16]
+
+
+@dataclass
+class Batch:
+    obs: torch.Tensor  # (B, T, D)
+    goal: torch.Tensor | None  # (B, G)
+    actions: torch.Tensor  # (B, T, W, A)
+
+
+class TrainingData:
+    """Everything phase 1 and phase 2 sample from, already normalized and fused."""
+
+    def __init__(self, cfg: dict, data_path: str | Path, device: torch.device, cache_dir: str | Path | None = None,
+                 normalizer: Normalizer | None = None, encoder=None):
+        dcfg = cfg["data"]
+        self.path = Path(data_path)
+        ds = ZarrDataset.open(self.path, "r")
+        required = list(dcfg["obs_keys"]) + list(dcfg["image_keys"]) + [dcfg["action_key"]]
+        if dcfg.get("goal_key"):
+            required.append(dcfg["goal_key"])
+        ds.validate(required)
+        self.dataset_attrs = ds.attrs
+        self.episode_ends = ds.episode_ends
+        self.n_episodes = ds.n_episodes
+        lowdim = {k: ds.read(k).astype(np.float32).reshape(ds.n_steps, -1) for k in dcfg["obs_keys"]}
+        actions = ds.read(dcfg["action_key"]).astype(np.float32).reshape(ds.n_steps, -1)
+        features = {}
+        if dcfg["image_keys"]:
+            from vqbet_core.vision.feature_cache import encoded_features
+
+            cache = Path(cache_dir) if cache_dir else self.path.parent / ".vqbet_feature_cache"
+            for key in dcfg["image_keys"]:
+                features[key] = encoded_features(ds, key, encoder, cfg["vision"], cache)
+        goal = ds.read(dcfg["goal_key"]).astype(np.float32).reshape(ds.n_steps, -1) if dcfg.get("goal_key") else None
+        self.data_hash = dataset_hash(ds, required)
+
+        if normalizer is None:
+            to_fit = {**lowdim, **features, "action": actions}
+            if goal is not None:
+                to_fit["goal"] = goal
+            normalizer = Normalizer.fit(to_fit)
+        self.normalizer = normalizer
+        from vqbet_core.vision.fusion import fuse_observation
+
+        obs = fuse_observation({k: normalizer.normalize(k, v) for k, v in lowdim.items()},
+                               {k: normalizer.normalize(k, v) for k, v in features.items()},
+                               dcfg["obs_keys"], dcfg["image_keys"])
+        self.obs_dim = obs.shape[1]
+        self.action_dim = actions.shape[1]
+        self.goal_dim = 0 if goal is None else goal.shape[1]
+        self.device = device
+        self.obs = torch.as_tensor(obs, dtype=torch.float32, device=device)
+        self.actions = torch.as_tensor(normalizer.normalize("action", actions), dtype=torch.float32, device=device)
+        self.goal = None if goal is None else torch.as_tensor(normalizer.normalize("goal", goal), dtype=torch.float32, device=device)
+
+        train_eps, val_eps = split_episodes(self.n_episodes, float(dcfg["val_fraction"]), seed=int(cfg["train"]["seed"]))
+        self.train_episodes, self.val_episodes = train_eps, val_eps
+        T, W = int(cfg["obs_window"]), int(cfg["action_chunk"])
+        self.train = SequenceSampler(self.episode_ends, T, W, train_eps)
+        self.val = SequenceSampler(self.episode_ends, T, W, val_eps) if len(val_eps) else None
+
+    def batch(self, sampler: SequenceSampler, ks: np.ndarray) -> Batch:
+        obs_idx, act_idx = sampler.indices(ks)
+        obs_idx_t = torch.as_tensor(obs_idx, device=self.device)
+        act_idx_t = torch.as_tensor(act_idx, device=self.device)
+        goal = None if self.goal is None else self.goal[obs_idx_t[:, -1]]
+        return Batch(self.obs[obs_idx_t], goal, self.actions[act_idx_t])
+
+    def random_batch(self, sampler: SequenceSampler, batch_size: int, rng: np.random.Generator) -> Batch:
+        return self.batch(sampler, rng.integers(0, len(sampler), size=batch_size))
+
+    def chunks(self, sampler: SequenceSampler, ks: np.ndarray) -> torch.Tensor:
+        """Action chunks ``(B, W, A)`` starting at each sample's current step (phase-1 input)."""
+        _, act_idx = sampler.indices(ks)
+        return self.actions[torch.as_tensor(act_idx[:, -1], device=self.device)]
+
+    def all_chunks(self) -> tuple[np.ndarray, np.ndarray]:
+        """Every normalized training action ``(N, A)`` and chunk ``(N, W, A)`` (for k-means / code init)."""
+        ks = np.arange(len(self.train))
+        chunks = self.chunks(self.train, ks).cpu().numpy()
+        return self.actions[torch.as_tensor(self.train.steps, device=self.device)].cpu().numpy(), chunks
