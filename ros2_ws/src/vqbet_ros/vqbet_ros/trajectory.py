@@ -1,0 +1,190 @@
+"""Predicted action chunk -> safe ``trajectory_msgs/JointTrajectory`` for ``joint_trajectory_controller``.
+
+Why a separate module: the safety math (joint-limit clamping, per-step velocity bounding, rejection of
+non-finite outputs, velocities for spline interpolation) is plain numpy, so it is unit-tested without
+ROS; only :func:`to_joint_trajectory` touches ROS message types (imported there, lazily).
+
+Timing convention: action ``k`` of a chunk predicted from the observation taken at ``stamp`` is the
+target of control step ``k`` and must be reached at the end of that step, ``times[k] + lead`` with
+``lead`` = one control period. The message's ``header.stamp`` is the observation stamp and
+``time_from_start`` is relative to it, so ``joint_trajectory_controller`` skips whatever part of the
+chunk is already in the past when it arrives (latency compensation); :func:`make_safe_trajectory`
+drops those points itself too, so the velocity bound is computed from where the arm is now.
+
+Jazzy's controller rejects a trajectory whose last point has a non-zero velocity (unless
+``allow_nonzero_velocity_at_trajectory_end``) and rejects empty trajectories, so the last point
+always has zero velocity and a stop is commanded as a one-point "hold" trajectory, never an empty one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass
+class SafetyLimits:
+    """Joint limits of the calibration, in calibration joint order."""
+
+    lower: np.ndarray
+    upper: np.ndarray
+    max_velocity: np.ndarray  # per joint, rad/s (m/s for prismatic joints)
+
+    def __post_init__(self):
+        self.lower = np.asarray(self.lower, np.float64).reshape(-1)
+        self.upper = np.asarray(self.upper, np.float64).reshape(-1)
+        self.max_velocity = np.asarray(self.max_velocity, np.float64).reshape(-1)
+        n = self.lower.size
+        if self.upper.size != n or self.max_velocity.size != n:
+            raise ValueError(f"joint limits have different lengths: lower {n}, upper {self.upper.size}, "
+                             f"velocity {self.max_velocity.size}")
+        if np.any(self.lower >= self.upper) or np.any(self.max_velocity <= 0):
+            raise ValueError("joint limits need lower < upper and a positive velocity bound for every joint")
+
+    @classmethod
+    def from_calibration(cls, calib, velocity_scale: float = 1.0) -> "SafetyLimits":
+        if not velocity_scale > 0:
+            raise ValueError(f"velocity_scale must be > 0, got {velocity_scale}")
+        return cls(calib.lower, calib.upper, np.asarray(calib.max_velocity, np.float64) * float(velocity_scale))
+
+
+@dataclass
+class SafeTrajectory:
+    """What gets published: positions / velocities ``(P, J)`` at absolute ``times`` ``(P,)``."""
+
+    positions: np.ndarray
+    velocities: np.ndarray
+    times: np.ndarray
+    stamp: float  # header.stamp: the observation stamp the times are relative to
+    clamped: int = 0  # joint values moved onto a position limit
+    rate_limited: int = 0  # joint values held back by the velocity bound
+    dropped_past: int = 0  # points already in the past when published
+    notes: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return int(self.times.shape[0])
+
+    def sample(self, t: float) -> np.ndarray:
+        """Linear interpolation of the positions at time ``t`` (held at both ends)."""
+        return np.array([np.interp(t, self.times, self.positions[:, j]) for j in range(self.positions.shape[1])])
+
+
+class UnsafeOutput(ValueError):
+    """The model produced something that must not be sent to the arm (non-finite values, wrong shape)."""
+
+
+def check_finite(actions: np.ndarray, n_joints: int) -> np.ndarray:
+    """Reject a chunk that is not ``(W, n_joints)`` or holds NaN / inf: returns it as float64."""
+    a = np.asarray(actions, dtype=np.float64)
+    if a.ndim != 2 or a.shape[1] != n_joints or a.shape[0] == 0:
+        raise UnsafeOutput(f"action chunk must be (W, {n_joints}), got {tuple(a.shape)}")
+    bad = ~np.isfinite(a)
+    if bad.any():
+        step, joint = (int(v) for v in np.argwhere(bad)[0])
+        raise UnsafeOutput(f"action chunk has {int(bad.sum())} non-finite value(s) (first at step {step}, joint {joint})")
+    return a
+
+
+def clamp_positions(positions: np.ndarray, limits: SafetyLimits) -> tuple[np.ndarray, int]:
+    """Clip to the joint limits; returns the clipped array and how many values were moved."""
+    out = np.clip(positions, limits.lower, limits.upper)
+    return out, int(np.count_nonzero(out != positions))
+
+
+def bound_velocity(positions: np.ndarray, times: np.ndarray, start: np.ndarray, start_time: float,
+                   max_velocity: np.ndarray) -> tuple[np.ndarray, int]:
+    """Rate-limit a sequence of targets so no joint moves faster than ``max_velocity``.
+
+    Point ``k`` may move at most ``max_velocity * (times[k] - times[k-1])`` from point ``k-1``; the
+    point before the first is the measured position ``start`` at ``start_time``. Returns the limited
+    positions and how many joint values were held back.
+    """
+    out = np.empty_like(positions, dtype=np.float64)
+    prev, prev_t, limited = np.asarray(start, np.float64), float(start_time), 0
+    for k in range(positions.shape[0]):
+        step = max(float(times[k]) - prev_t, 0.0) * max_velocity
+        delta = positions[k] - prev
+        clipped = np.clip(delta, -step, step)
+        limited += int(np.count_nonzero(np.abs(clipped - delta) > 1e-12))
+        prev = prev + clipped
+        out[k] = prev
+        prev_t = float(times[k])
+    return out, limited
+
+
+def spline_velocities(positions: np.ndarray, times: np.ndarray, start: np.ndarray, start_time: float,
+                      max_velocity: np.ndarray) -> np.ndarray:
+    """Velocities for cubic interpolation: central differences, start point as the left neighbour, zero at the end."""
+    p = np.vstack([np.asarray(start, np.float64)[None], positions])
+    t = np.concatenate([[float(start_time)], np.asarray(times, np.float64)])
+    v = np.zeros_like(positions, dtype=np.float64)
+    for k in range(positions.shape[0] - 1):  # point k sits at index k+1 of p
+        dt = t[k + 2] - t[k]
+        if dt > 0:
+            v[k] = (p[k + 2] - p[k]) / dt
+    return np.clip(v, -max_velocity, max_velocity)
+
+
+def make_safe_trajectory(actions: np.ndarray, times: np.ndarray, stamp: float, current: np.ndarray, now: float,
+                         limits: SafetyLimits, lead: float) -> SafeTrajectory:
+    """Blended chunk (joint targets at ``times``) -> clamped, velocity-bounded trajectory starting now.
+
+    ``lead``: how long after its nominal time a target should be reached (one control period).
+    Raises :class:`UnsafeOutput` for non-finite actions and when nothing of the chunk is left in the future.
+    """
+    a = check_finite(actions, limits.lower.size)
+    t = np.asarray(times, np.float64).reshape(-1) + float(lead)
+    if t.shape[0] != a.shape[0]:
+        raise UnsafeOutput(f"chunk has {a.shape[0]} actions but {t.shape[0]} times")
+    if np.any(np.diff(t) <= 0):
+        raise UnsafeOutput("chunk times are not strictly increasing")
+    current = np.asarray(current, np.float64).reshape(-1)
+    if current.shape[0] != a.shape[1] or not np.all(np.isfinite(current)):
+        raise UnsafeOutput(f"current joint positions must be {a.shape[1]} finite numbers")
+    future = t > now
+    dropped = int(np.count_nonzero(~future))
+    if not future.any():
+        raise UnsafeOutput(f"the whole chunk is in the past ({now - t[-1]:.3f} s late): inference is too slow")
+    a, t = a[future], t[future]
+    a, clamped = clamp_positions(a, limits)
+    a, limited = bound_velocity(a, t, current, now, limits.max_velocity)
+    a, _ = clamp_positions(a, limits)  # a start outside the limits must not leak through
+    v = spline_velocities(a, t, current, now, limits.max_velocity)
+    return SafeTrajectory(a, v, t, float(stamp), clamped, limited, dropped)
+
+
+def hold_trajectory(position: np.ndarray, now: float, settle: float, limits: SafetyLimits) -> SafeTrajectory:
+    """One point at ``position`` (clamped), zero velocity, ``settle`` seconds from now: a controlled stop."""
+    p, clamped = clamp_positions(np.asarray(position, np.float64).reshape(1, -1), limits)
+    return SafeTrajectory(p, np.zeros_like(p), np.array([now + settle]), float(now), clamped)
+
+
+def to_joint_trajectory(traj: SafeTrajectory, joint_names: list[str], frame_id: str = ""):
+    """:class:`SafeTrajectory` -> ``trajectory_msgs/JointTrajectory`` (header.stamp = ``traj.stamp``)."""
+    from builtin_interfaces.msg import Duration, Time
+    from trajectory_msgs.msg import JointTrajectory, JointTrajectoryPoint
+
+    msg = JointTrajectory()
+    sec = int(np.floor(traj.stamp))
+    msg.header.stamp = Time(sec=sec, nanosec=min(int(round((traj.stamp - sec) * 1e9)), 999_999_999))
+    msg.header.frame_id = frame_id
+    msg.joint_names = list(joint_names)
+    for k in range(len(traj)):
+        rel = max(float(traj.times[k] - traj.stamp), 0.0)
+        s = int(np.floor(rel))
+        point = JointTrajectoryPoint()
+        point.positions = traj.positions[k].tolist()
+        point.velocities = traj.velocities[k].tolist()
+        point.time_from_start = Duration(sec=s, nanosec=min(int(round((rel - s) * 1e9)), 999_999_999))
+        msg.points.append(point)
+    return msg
+
+
+def from_joint_trajectory(msg) -> tuple[float, np.ndarray, np.ndarray, np.ndarray]:
+    """Inverse of :func:`to_joint_trajectory` (for tests and benchmarks): stamp, times, positions, velocities."""
+    stamp = msg.header.stamp.sec + msg.header.stamp.nanosec * 1e-9
+    times = np.array([stamp + p.time_from_start.sec + p.time_from_start.nanosec * 1e-9 for p in msg.points])
+    pos = np.array([list(p.positions) for p in msg.points], np.float64)
+    vel = np.array([list(p.velocities) for p in msg.points], np.float64)
+    return stamp, times, pos, vel

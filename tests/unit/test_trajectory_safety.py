@@ -1,0 +1,142 @@
+"""Safety math of the policy node (vqbet_ros.trajectory), without ROS: limits, velocity bound, NaNs, timing."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from vqbet_core.calibration import load_calibration
+from vqbet_ros.trajectory import (SafetyLimits, UnsafeOutput, bound_velocity, check_finite, hold_trajectory,
+                                  make_safe_trajectory, spline_velocities)
+
+REPO = Path(__file__).resolve().parents[2]
+CALIB = load_calibration(REPO / "calibration" / "franka_sim.yaml")
+HZ = 10.0
+
+
+@pytest.fixture
+def limits():
+    return SafetyLimits.from_calibration(CALIB)
+
+
+def chunk(start, step, w=6, stamp=100.0):
+    actions = np.asarray(start, np.float64)[None] + np.arange(w)[:, None] * np.asarray(step, np.float64)[None]
+    return actions, stamp + np.arange(w) / HZ
+
+
+def test_limits_from_calibration_and_scale():
+    lim = SafetyLimits.from_calibration(CALIB, velocity_scale=0.5)
+    np.testing.assert_allclose(lim.max_velocity, CALIB.max_velocity * 0.5)
+    with pytest.raises(ValueError):
+        SafetyLimits.from_calibration(CALIB, velocity_scale=0.0)
+    with pytest.raises(ValueError):
+        SafetyLimits([0, 0], [1, -1], [1, 1])
+
+
+def test_targets_outside_limits_are_clamped(limits):
+    mid = (limits.lower + limits.upper) / 2
+    actions, times = chunk(mid, np.zeros(9))
+    actions[:, 0] = 10.0  # far above panda_joint1's upper limit
+    actions[:, 3] = -10.0  # far below panda_joint4's lower limit
+    traj = make_safe_trajectory(actions, times, 100.0, mid, 100.0, SafetyLimits(limits.lower, limits.upper,
+                                                                                   np.full(9, 1e3)), lead=0.1)
+    assert np.all(traj.positions <= limits.upper + 1e-12) and np.all(traj.positions >= limits.lower - 1e-12)
+    assert traj.positions[-1, 0] == pytest.approx(limits.upper[0])
+    assert traj.positions[-1, 3] == pytest.approx(limits.lower[3])
+    assert traj.clamped == 2 * len(actions)
+
+
+def test_velocity_bound_holds_between_every_pair_of_points(limits):
+    start = (limits.lower + limits.upper) / 2
+    actions, times = chunk(start + 1.0, np.full(9, 0.5))  # a 1 rad jump, then 5 rad/s: far too fast
+    traj = make_safe_trajectory(actions, times, 100.0, start, 100.02, limits, lead=1 / HZ)
+    p = np.vstack([start[None], traj.positions])
+    t = np.concatenate([[100.02], traj.times])
+    speed = np.abs(np.diff(p, axis=0)) / np.diff(t)[:, None]
+    assert np.all(speed <= limits.max_velocity[None] + 1e-9)
+    assert traj.rate_limited > 0
+    assert np.all(np.abs(traj.velocities) <= limits.max_velocity[None] + 1e-12)
+
+
+def test_slow_chunk_passes_unchanged_with_spline_velocities(limits):
+    start = (limits.lower + limits.upper) / 2
+    step = np.full(9, 0.01)
+    step[7:] = 0.001  # fingers: small, slow steps
+    actions, times = chunk(start + step, step)
+    traj = make_safe_trajectory(actions, times, 100.0, start, 100.0, limits, lead=1 / HZ)
+    np.testing.assert_allclose(traj.positions, actions)
+    assert traj.clamped == 0 and traj.rate_limited == 0 and traj.dropped_past == 0
+    np.testing.assert_allclose(traj.times, times + 0.1)
+    # constant velocity in the middle, zero at the end (Jazzy rejects a non-zero final velocity)
+    np.testing.assert_allclose(traj.velocities[2], step * HZ, rtol=1e-6)
+    assert np.all(traj.velocities[-1] == 0)
+
+
+def test_points_in_the_past_are_dropped(limits):
+    start = (limits.lower + limits.upper) / 2
+    actions, times = chunk(start, np.zeros(9), w=5)
+    traj = make_safe_trajectory(actions, times, 100.0, start, 100.25, limits, lead=0.1)
+    # times + lead = 100.1 .. 100.5; 100.1 and 100.2 have passed
+    assert traj.dropped_past == 2 and len(traj) == 3
+    assert np.all(traj.times > 100.25)
+    with pytest.raises(UnsafeOutput, match="in the past"):
+        make_safe_trajectory(actions, times, 100.0, start, 101.0, limits, lead=0.1)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_outputs_are_rejected(limits, bad):
+    actions, times = chunk(np.zeros(9), np.zeros(9))
+    actions[3, 4] = bad
+    with pytest.raises(UnsafeOutput, match="non-finite.*step 3, joint 4"):
+        make_safe_trajectory(actions, times, 100.0, np.zeros(9), 100.0, limits, lead=0.1)
+
+
+def test_wrong_shapes_and_bad_current_state_are_rejected(limits):
+    with pytest.raises(UnsafeOutput, match=r"\(W, 9\)"):
+        check_finite(np.zeros((4, 7)), 9)
+    actions, times = chunk(np.zeros(9), np.zeros(9))
+    with pytest.raises(UnsafeOutput, match="current joint"):
+        make_safe_trajectory(actions, times, 100.0, np.full(9, np.nan), 100.0, limits, lead=0.1)
+    with pytest.raises(UnsafeOutput, match="strictly increasing"):
+        make_safe_trajectory(actions, np.full(len(times), 100.0), 100.0, np.zeros(9), 100.0, limits, lead=0.1)
+
+
+def test_start_outside_limits_never_leaks(limits):
+    start = limits.upper + 0.2  # measured beyond the soft limit
+    actions, times = chunk(limits.upper + 0.5, np.zeros(9))
+    traj = make_safe_trajectory(actions, times, 100.0, start, 100.0, limits, lead=0.1)
+    assert np.all(traj.positions <= limits.upper + 1e-12)
+
+
+def test_bound_velocity_and_spline_velocities_directly():
+    pos = np.array([[1.0], [1.0], [1.0]])
+    out, n = bound_velocity(pos, np.array([0.1, 0.2, 0.3]), np.zeros(1), 0.0, np.array([2.0]))
+    np.testing.assert_allclose(out[:, 0], [0.2, 0.4, 0.6])
+    assert n == 3
+    v = spline_velocities(out, np.array([0.1, 0.2, 0.3]), np.zeros(1), 0.0, np.array([2.0]))
+    np.testing.assert_allclose(v[:, 0], [2.0, 2.0, 0.0])
+
+
+def test_hold_is_one_clamped_point_with_zero_velocity(limits):
+    traj = hold_trajectory(limits.upper + 1, 50.0, 0.1, limits)
+    assert len(traj) == 1 and traj.times[0] == pytest.approx(50.1) and traj.stamp == 50.0
+    np.testing.assert_allclose(traj.positions[0], limits.upper)
+    assert np.all(traj.velocities == 0)
+    np.testing.assert_allclose(traj.sample(0.0), limits.upper)
+
+
+def test_message_round_trip(limits):
+    pytest.importorskip("trajectory_msgs")
+    from vqbet_ros.trajectory import from_joint_trajectory, to_joint_trajectory
+
+    start = (limits.lower + limits.upper) / 2
+    actions, times = chunk(start, np.full(9, 0.001))
+    traj = make_safe_trajectory(actions, times + 1.7e9, 1.7e9 + 100.0, start, 1.7e9 + 100.0, limits, lead=0.1)
+    msg = to_joint_trajectory(traj, CALIB.joint_names)
+    assert list(msg.joint_names) == CALIB.joint_names and len(msg.points) == len(actions)
+    stamp, t, p, v = from_joint_trajectory(msg)
+    assert stamp == pytest.approx(1.7e9 + 100.0)
+    np.testing.assert_allclose(t, traj.times, atol=1e-6)
+    np.testing.assert_allclose(p, traj.positions)
+    np.testing.assert_allclose(v, traj.velocities)
+    assert all(np.diff([pt.time_from_start.sec + pt.time_from_start.nanosec * 1e-9 for pt in msg.points]) > 0)
