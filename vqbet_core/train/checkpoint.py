@@ -32,8 +32,8 @@ def versions() -> dict:
     import onnxruntime
     import zarr
 
-    return {"vqbet": __version__, "torch": torch.__version__, "zarr": zarr.__version__,
-            "onnxruntime": onnxruntime.__version__, "python": platform.python_version()}
+    return {"vqbet": __version__, "torch": str(torch.__version__), "zarr": str(zarr.__version__),
+            "onnxruntime": str(onnxruntime.__version__), "python": platform.python_version()}
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
