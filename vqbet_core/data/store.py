@@ -218,10 +218,19 @@ class ZarrDataset:
             missing = set(self.keys) - set(arrays)
             if missing:
                 raise DatasetError(f"{self.path}: append is missing keys {sorted(missing)}")
+        elif self._pending > 0:  # first episode: its earlier appends fix the keys (else arrays misalign)
+            data = self.root["data"]
+            written = {k for k in data.array_keys() if data[k].shape[0] >= self._pending}
+            if set(arrays) != written:
+                raise DatasetError(
+                    f"{self.path}: an append must write the same keys as the episode's earlier steps "
+                    f"(missing {sorted(written - set(arrays))}, new {sorted(set(arrays) - written)})"
+                )
         count = next(iter(lengths.values()))
         start = self.n_steps + self._pending
+        targets = {key: self._ensure_array(key, values) for key, values in arrays.items()}  # check all, then write
         for key, values in arrays.items():
-            arr = self._ensure_array(key, values)
+            arr = targets[key]
             if values.dtype != arr.dtype:
                 values = values.astype(arr.dtype)
             arr.resize((start + count,) + arr.shape[1:])
