@@ -67,3 +67,26 @@ class ImagePreprocess:
         if unknown:
             raise VqbetError(f"unknown image preprocessing keys {sorted(unknown)} (expected size, crop, mean, std)")
         return cls(**d)
+
+
+def dataset_camera_preprocess(attrs: dict, key: str, frame_shape: tuple, image_size=None) -> ImagePreprocess:
+    """The preprocessing a dataset's ``camera_<name>`` frames were recorded with (crop, size, mean/std).
+
+    Taken from the dataset attrs written by ``Calibration.to_attrs`` (``cameras.<name>.preprocess``);
+    datasets without it (simulation) get the defaults at the stored frame size. Stored frames are
+    already crop-resized, so their ``(H, W)`` must equal the recorded size and, when given,
+    ``image_size`` ((width, height)) - a mismatch means the config and the data disagree.
+    """
+    name = key[len("camera_"):] if key.startswith("camera_") else key
+    h, w = int(frame_shape[0]), int(frame_shape[1])
+    camera = ((attrs or {}).get("cameras") or {}).get(name) or {}
+    recorded = camera.get("preprocess") if isinstance(camera, dict) else None
+    pre = ImagePreprocess.from_dict(recorded) if recorded else ImagePreprocess(size=(w, h))
+    if pre.size != (w, h):
+        raise VqbetError(f"data/{key}: frames are {w}x{h} but the recorded preprocessing says {pre.size[0]}x{pre.size[1]}")
+    if image_size is not None and tuple(image_size) != (w, h):
+        raise VqbetError(
+            f"data/{key}: frames are {w}x{h} but vision.image_size is {image_size[0]}x{image_size[1]} "
+            f"(set vision.image_size to {w if w == h else [w, h]} or re-record at that size)"
+        )
+    return pre
