@@ -47,6 +47,7 @@ class ZarrDataset:
         self.path = path
         self.mode = mode
         self._pending = 0  # steps written past episode_ends[-1] that are not committed yet
+        self.recovered_steps = 0  # leftover steps of an interrupted episode truncated by open(mode='a')
 
     # ------------------------------------------------------------------ opening
     @classmethod
@@ -76,10 +77,23 @@ class ZarrDataset:
         if "data" not in root:
             raise DatasetError(f"{path}: missing data/ group")
         ds = cls(root, path, mode)
-        ds._check_episode_ends()
         if mode != "r":
-            ds.recover()
+            ds._repair_interrupted_commit()
+        ds._check_episode_ends()
+        ds.recovered_steps = ds.recover() if mode != "r" else 0
         return ds
+
+    def _repair_interrupted_commit(self) -> None:
+        # zarr's append resizes meta/episode_ends before writing the new entry: a crash in between leaves
+        # a trailing fill value (0) that is not an episode end; that episode was never committed.
+        ends = self.root["meta/episode_ends"]
+        n = ends.shape[0]
+        if n:
+            values = np.asarray(ends[:], dtype=np.int64)
+            while n and values[n - 1] <= (values[n - 2] if n > 1 else 0):
+                n -= 1
+            if n != ends.shape[0]:
+                ends.resize((n,))
 
     @classmethod
     def open_or_create(cls, path: str | os.PathLike, attrs: Mapping | None = None) -> "ZarrDataset":

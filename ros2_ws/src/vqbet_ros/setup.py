@@ -21,6 +21,9 @@ setup(
     entry_points={
         "console_scripts": [
             # "<executable> = vqbet_ros.<module>:main", one per node
+            "recorder_node = vqbet_ros.recorder_node:main",
+            "record_keyboard = vqbet_ros.record_keyboard:main",
+            "fake_streams = vqbet_ros.fake_streams:main",
         ],
     },
 )

@@ -1,0 +1,404 @@
+"""recorder_node: teleoperated demonstrations -> zarr dataset (DESIGN.md sections 3 and 5).
+
+A thin ROS shell around :mod:`vqbet_core.recording` (the same sampler and writer ``vqbet bag2zarr``
+uses): subscriptions push decoded messages with their stamps, a timer at ``control_hz`` advances the
+sampling clock, services start / end / discard episodes. Crash safety is the dataset contract: an
+episode is visible only once committed, and the store is repaired on start.
+
+Interfaces (all names are parameters or remaps):
+  in   cameras from the calibration (Image or CompressedImage), ``joint_states_topic``, ``command_topic``
+       (JointState or JointTrajectory, ``command_type``), ``~/task`` (std_msgs/String: label of the episode)
+  srv  ``~/start_episode``, ``~/end_episode``, ``~/discard_episode`` (std_srvs/Trigger)
+  out  ``~/status`` (std_msgs/String, JSON), ``~/episode_events`` (std_msgs/String, JSON markers that
+       ``vqbet bag2zarr --episode-topic`` understands), ``/diagnostics``
+
+Run: ``ros2 run vqbet_ros recorder_node --ros-args -p output:=demo.zarr -p calibration:=robot.yaml``
+or ``python -m vqbet_ros.recorder_node --ros-args ...``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import rclpy
+from rcl_interfaces.msg import ParameterDescriptor, SetParametersResult
+from rclpy.executors import ExternalShutdownException
+from rclpy.node import Node
+from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
+from rclpy.event_handler import SubscriptionEventCallbacks
+from sensor_msgs.msg import CompressedImage, Image, JointState
+from std_msgs.msg import String
+from std_srvs.srv import Trigger
+from trajectory_msgs.msg import JointTrajectory
+
+from vqbet_core.calibration import load_calibration
+from vqbet_core.errors import VqbetError
+from vqbet_core.recording.sampler import (
+    RECORDING_CHECK_KEYS,
+    DiskFullError,
+    EpisodeWriter,
+    Lazy,
+    StreamSampler,
+    camera_key,
+    dataset_attrs,
+    stream_keys,
+)
+from vqbet_ros import ros_convert
+from vqbet_ros.diagnostics import Diagnostics
+from vqbet_ros.qos import incompatible_qos_warning, qos_from_parameters
+
+MB = 1024 * 1024
+
+
+class RecorderNode(Node):
+    """Samples cameras, joint states and the teleop command at ``control_hz`` into episodes."""
+
+    def __init__(self, **kwargs):
+        super().__init__("recorder_node", **kwargs)
+        p = self._declare_parameters()
+        self.calibration = load_calibration(p["calibration"])
+        cams = [c for c in p["cameras"] if c] or list(self.calibration.cameras)
+        unknown = [c for c in cams if c not in self.calibration.cameras]
+        if unknown:
+            raise VqbetError(f"parameter cameras: {unknown} not in calibration {p['calibration']} "
+                             f"(has: {list(self.calibration.cameras)})")
+        if p["command_type"] not in ("JointState", "JointTrajectory"):
+            raise VqbetError(f"parameter command_type must be JointState or JointTrajectory, got {p['command_type']!r}")
+        if p["stamp_source"] not in ("header", "receive"):
+            raise VqbetError(f"parameter stamp_source must be 'header' or 'receive', got {p['stamp_source']!r}")
+        if p["on_shutdown"] not in ("commit", "discard"):
+            raise VqbetError(f"parameter on_shutdown must be 'commit' or 'discard', got {p['on_shutdown']!r}")
+        if not p["output"]:
+            raise VqbetError("parameter output is empty: give the path of the zarr dataset to create or append to")
+        self.params = p
+        self.control_hz = p["control_hz"] or self.calibration.control_hz
+        self.stamp_source = p["stamp_source"]
+        self.command_type = p["command_type"]
+        self.task = p["task"]
+        self.mapper = ros_convert.JointMapper(self.calibration.joint_names)
+        self.sampler = StreamSampler(stream_keys(cams), self.control_hz, p["max_age"], p["sample_delay"])
+        settings = {"max_age": p["max_age"], "delay": p["sample_delay"], "stamp_source": p["stamp_source"],
+                    "preprocess_images": p["preprocess_images"], "command_topic": p["command_topic"],
+                    "command_type": p["command_type"]}
+        attrs = dataset_attrs(self.calibration, cams, self.control_hz, "recorder_node", settings)
+        flush = p["flush_every"] or max(1, int(round(self.control_hz)))
+        self.writer = EpisodeWriter(p["output"], attrs, min_free_mb=p["min_free_mb"], stop_free_mb=p["stop_free_mb"],
+                                    flush_every=flush, background=True, check_keys=RECORDING_CHECK_KEYS)
+        log = self.get_logger()
+        if self.writer.recovered_steps:
+            log.warning(f"{p['output']}: truncated {self.writer.recovered_steps} leftover steps of an interrupted episode")
+        log.info(f"recording to {p['output']} ({self.writer.n_episodes} episodes committed), cameras {cams}, "
+                 f"{self.control_hz:g} Hz, max_age {p['max_age']} s")
+        self.state = "idle"  # idle | recording | stopped (disk)
+        self.last_error = ""
+        self.last_result = None
+        self.latency = {}  # stream -> worst (receive - stamp) seconds since the last status
+
+        image_qos = qos_from_parameters(self, "image_qos", "best_effort", 5)
+        state_qos = qos_from_parameters(self, "state_qos", "reliable", 50)
+        for name in cams:
+            cam = self.calibration.cameras[name]
+            msg_type = CompressedImage if cam.compressed else Image
+            pre = cam.preprocess if p["preprocess_images"] else None
+            self._subscribe(msg_type, cam.topic, image_qos, "image_qos",
+                            self._image_callback(camera_key(name), pre, cam.compressed))
+        self._subscribe(JointState, p["joint_states_topic"], state_qos, "state_qos", self._on_joint_state)
+        cmd_type = JointTrajectory if self.command_type == "JointTrajectory" else JointState
+        self._subscribe(cmd_type, p["command_topic"], state_qos, "state_qos", self._on_command)
+        self.create_subscription(String, "~/task", self._on_task, 10)
+
+        events_qos = QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE,
+                                durability=DurabilityPolicy.TRANSIENT_LOCAL)
+        self.status_pub = self.create_publisher(String, "~/status", 10)
+        self.events_pub = self.create_publisher(String, "~/episode_events", events_qos)
+        self.diagnostics = Diagnostics(self, "recorder", hardware_id=self.calibration.robot)
+        self.create_service(Trigger, "~/start_episode", self._on_start)
+        self.create_service(Trigger, "~/end_episode", self._on_end)
+        self.create_service(Trigger, "~/discard_episode", self._on_discard)
+        self.add_on_set_parameters_callback(self._on_set_parameters)
+        self.create_timer(1.0 / self.control_hz, self._on_tick)
+        self.create_timer(p["status_period"], self._publish_status)
+
+    # ------------------------------------------------------------------ parameters
+    def _declare_parameters(self) -> dict:
+        def declare(name, default, description):
+            return self.declare_parameter(name, default, ParameterDescriptor(description=description)).value
+
+        return {
+            "output": declare("output", "", "zarr dataset to create or append to"),
+            "calibration": declare("calibration", "", "calibration YAML: joint order, cameras, crop/resize"),
+            "control_hz": declare("control_hz", 0.0, "sampling rate; 0 = the calibration's control_hz"),
+            "max_age": declare("max_age", 0.1, "a tick is dropped when a stream's latest message is older (s)"),
+            "sample_delay": declare("sample_delay", 0.05, "take a tick only this long after it, for in-flight messages (s)"),
+            "stamp_source": declare("stamp_source", "header", "header (zero stamps fall back to receive time) or receive"),
+            "joint_states_topic": declare("joint_states_topic", "/joint_states", "measured joint states"),
+            "command_topic": declare("command_topic", "/teleop/joint_command", "teleop command, becomes 'action'"),
+            "command_type": declare("command_type", "JointState", "JointState or JointTrajectory"),
+            "cameras": declare("cameras", [""], "calibration cameras to record; [''] = all"),
+            "preprocess_images": declare("preprocess_images", True, "crop/resize frames per calibration at record time"),
+            "task": declare("task", "", "task label of the next episode (also settable on ~/task)"),
+            "min_free_mb": declare("min_free_mb", 1024.0, "free disk needed to start an episode (MB)"),
+            "stop_free_mb": declare("stop_free_mb", 256.0, "an episode stops (and is kept) below this free disk (MB)"),
+            "flush_every": declare("flush_every", 0, "steps per disk write; 0 = one second of steps"),
+            "status_period": declare("status_period", 1.0, "seconds between ~/status and /diagnostics messages"),
+            "on_shutdown": declare("on_shutdown", "commit", "an episode open at shutdown: commit or discard"),
+        }
+
+    def _on_set_parameters(self, params) -> SetParametersResult:
+        for param in params:
+            if param.name == "task":
+                self._set_task(str(param.value))
+        return SetParametersResult(successful=True)
+
+    def _subscribe(self, msg_type, topic, qos, prefix, callback):
+        events = SubscriptionEventCallbacks(incompatible_qos=incompatible_qos_warning(self, topic, prefix))
+        return self.create_subscription(msg_type, topic, callback, qos, event_callbacks=events)
+
+    # ------------------------------------------------------------------ streams
+    def _now(self) -> int:
+        return self.get_clock().now().nanoseconds
+
+    def _bad(self, stream: str, exc: Exception) -> None:
+        self.sampler.bad(stream, str(exc))
+        self.get_logger().warning(f"skipped a bad {stream} message: {exc}", throttle_duration_sec=5.0)
+
+    def _image_callback(self, key: str, preprocess, compressed: bool):
+        def callback(msg) -> None:
+            now = self._now()
+            try:
+                if not compressed:
+                    ros_convert.check_image(msg)
+                stamp = ros_convert.choose_stamp(msg, now, self.stamp_source)
+            except ros_convert.MessageError as exc:
+                self._bad(key, exc)
+                return
+            self._latency(key, now, stamp)
+            self.sampler.push(key, stamp, Lazy(lambda: ros_convert.frame_for_dataset(msg, preprocess, compressed)))
+
+        return callback
+
+    def _on_joint_state(self, msg: JointState) -> None:
+        now = self._now()
+        try:
+            positions = ros_convert.joint_positions(msg, self.mapper)
+        except ros_convert.MessageError as exc:
+            self._bad("robot_joint", exc)
+            return
+        stamp = ros_convert.choose_stamp(msg, now, self.stamp_source)
+        self._latency("robot_joint", now, stamp)
+        self.sampler.push("robot_joint", stamp, positions)
+
+    def _on_command(self, msg) -> None:
+        now = self._now()
+        try:
+            positions = self.mapper.from_command(msg, self.command_type)
+        except ros_convert.MessageError as exc:
+            self._bad("action", exc)
+            return
+        stamp = ros_convert.choose_stamp(msg, now, self.stamp_source)
+        self._latency("action", now, stamp)
+        self.sampler.push("action", stamp, positions)
+
+    def _latency(self, stream: str, now: int, stamp: int) -> None:
+        lag = (now - stamp) / 1e9
+        if lag > self.latency.get(stream, float("-inf")):
+            self.latency[stream] = lag
+
+    def _on_task(self, msg: String) -> None:
+        self._set_task(msg.data)
+
+    def _set_task(self, task: str) -> None:
+        self.task = task
+        self.writer.set_task(task)
+
+    # ------------------------------------------------------------------ clock
+    def _on_tick(self) -> None:
+        self._take(self._now())
+
+    def _take(self, now: int) -> None:
+        """Advance the sampling clock to ``now`` and write the fresh ticks."""
+        samples = self.sampler.advance(now)
+        if self.state != "recording":
+            return
+        for stamp, values in samples:
+            try:
+                self.writer.add(stamp, values)
+            except ros_convert.MessageError as exc:
+                self._bad("frame", exc)
+            except DiskFullError as exc:
+                self._stop_for_disk(str(exc))
+                return
+            except VqbetError as exc:
+                self._stop_for_disk(f"writing failed: {exc}")
+                return
+
+    def _stop_for_disk(self, reason: str) -> None:
+        """Out of space or a failed write: keep what is on disk as a committed episode, stop recording."""
+        self.sampler.stop()
+        self.last_error = reason
+        result = None
+        try:
+            result = self.writer.commit(note=reason)
+        except Exception as exc:  # noqa: BLE001 - even the commit failed: committed episodes stay intact
+            self.last_error = f"{reason}; the open episode could not be committed ({exc})"
+        self.state = "stopped"
+        msg = f"RECORDING STOPPED: {self.last_error}"
+        if result is not None and result.index >= 0:
+            msg += f" - episode {result.index} kept with {result.length} steps"
+            self._event("end", self._now(), result.index, result.length, note=reason)
+        self.get_logger().error(msg + "; free disk space, then start a new episode")
+        self._publish_status()
+
+    # ------------------------------------------------------------------ services
+    def _on_start(self, request, response):
+        if self.writer.recording:
+            response.success, response.message = False, f"already recording episode {self.writer.n_episodes}"
+            return response
+        now = self._now()
+        try:
+            index = self.writer.start(task=self.task, source="recorder_node")
+        except VqbetError as exc:
+            response.success, response.message = False, str(exc)
+            self.get_logger().error(f"cannot start an episode: {exc}")
+            self.last_error = str(exc)
+            return response
+        self.sampler.start(now)
+        self.state = "recording"
+        self.last_error = ""
+        self._event("start", now, index)
+        response.success = True
+        response.message = f"episode {index} started" + (f" (task '{self.task}')" if self.task else "")
+        self.get_logger().info(response.message)
+        self._publish_status()
+        return response
+
+    def _on_end(self, request, response):
+        if not self.writer.recording:
+            response.success, response.message = False, "no episode is being recorded"
+            return response
+        now = self._now()
+        self._take(now)
+        if not self.writer.recording:  # stopped for disk space inside _take
+            response.success, response.message = False, self.last_error
+            return response
+        self.sampler.stop()
+        stats = self.sampler.stats
+        try:
+            result = self.writer.commit()
+        except VqbetError as exc:
+            self.state = "idle"
+            response.success, response.message = False, f"commit failed: {exc}"
+            self.get_logger().error(response.message)
+            return response
+        self.state = "idle"
+        self.last_result = result
+        if result.index < 0:
+            self._event("discard", now, self.writer.n_episodes)
+            response.success = False
+            response.message = (f"nothing recorded, episode not committed: {stats.dropped} ticks dropped "
+                                f"(stale: {_nonzero(stats.stale)})")
+        else:
+            self._event("end", now, result.index, result.length, note=result.note)
+            response.success = True
+            response.message = (f"episode {result.index} committed: {result.length} steps, {stats.dropped} ticks "
+                                f"dropped, {sum(stats.bad.values())} bad messages")
+        self.get_logger().info(response.message)
+        self._publish_status()
+        return response
+
+    def _on_discard(self, request, response):
+        if not self.writer.recording:
+            response.success, response.message = False, "no episode is being recorded"
+            return response
+        self.sampler.stop()
+        result = self.writer.discard()
+        self.state = "idle"
+        self._event("discard", self._now(), self.writer.n_episodes, result.length)
+        response.success, response.message = True, f"episode discarded ({result.length} steps dropped)"
+        self.get_logger().info(response.message)
+        self._publish_status()
+        return response
+
+    # ------------------------------------------------------------------ reporting
+    def _event(self, event: str, stamp: int, index: int, length: int = 0, note: str = "") -> None:
+        data = {"event": event, "stamp_ns": int(stamp), "episode": int(index), "task": self.task}
+        if event != "start":
+            data["length"] = int(length)
+        if note:
+            data["note"] = note
+        self.events_pub.publish(String(data=json.dumps(data)))
+
+    def status(self) -> dict:
+        stats = self.sampler.stats
+        return {
+            "state": self.state,
+            "episode": self.writer.n_episodes,  # index of the open (or next) episode
+            "episodes_committed": self.writer.n_episodes,
+            "length": self.writer.episode_length if self.writer.recording else 0,
+            "task": self.task,
+            "dropped": stats.dropped,
+            "stale": stats.stale,
+            "bad": stats.bad_total,
+            "last_bad": stats.last_bad,
+            "disk_free_mb": round(self.writer.disk_free() / MB, 1),
+            "max_latency_s": {k: round(v, 4) for k, v in self.latency.items()},
+            "last_error": self.last_error,
+        }
+
+    def _publish_status(self) -> None:
+        status = self.status()
+        self.latency = {}
+        self.status_pub.publish(String(data=json.dumps(status)))
+        if self.state == "stopped" or status["disk_free_mb"] * MB < self.writer.min_free:
+            level = "error" if self.state == "stopped" else "warn"
+            message = self.last_error or f"disk space low ({status['disk_free_mb']} MB free)"
+        elif status["dropped"] or any(status["bad"].values()):
+            level, message = "warn", f"{status['dropped']} ticks dropped, {sum(status['bad'].values())} bad messages"
+        else:
+            level, message = "ok", self.state
+        values = {k: (json.dumps(v) if isinstance(v, dict) else v) for k, v in status.items()}
+        self.diagnostics.publish(level, message, values)
+
+    # ------------------------------------------------------------------ shutdown
+    def finish(self) -> None:
+        """On shutdown: commit (or discard, per ``on_shutdown``) an open episode, stop the writer thread."""
+        if self.writer.recording:
+            self.sampler.stop()
+            if self.params["on_shutdown"] == "commit":
+                result = self.writer.commit(note="recorder shut down during the episode")
+                if result.index >= 0:
+                    print(f"recorder_node: committed episode {result.index} ({result.length} steps) at shutdown",
+                          file=sys.stderr)
+            else:
+                self.writer.discard()
+        self.writer.close()
+
+
+def _nonzero(counts: dict) -> dict:
+    return {k: v for k, v in counts.items() if v}
+
+
+def main(args=None) -> int:
+    rclpy.init(args=args)
+    node = None
+    code = 0
+    try:
+        node = RecorderNode()
+        rclpy.spin(node)
+    except (KeyboardInterrupt, ExternalShutdownException):
+        pass
+    except VqbetError as exc:
+        print(f"recorder_node: error: {exc}", file=sys.stderr)
+        code = 2
+    finally:
+        if node is not None:
+            node.finish()
+            node.destroy_node()
+        if rclpy.ok():
+            rclpy.shutdown()
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

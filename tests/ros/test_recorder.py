@@ -1,0 +1,216 @@
+"""recorder_node over real DDS (loopback, private domain) against a fake robot publisher process.
+
+One recording session (module fixture) drives the node through its services, its ``~/task`` topic, the
+keyboard helper and a clean shutdown while this test process records the same topics into bags; the
+tests then check the dataset against what was published (values and order, by the publisher's log),
+and ``vqbet bag2zarr`` of those bags (mcap and sqlite3) against the recorder's dataset.
+"""
+
+from __future__ import annotations
+
+import queue
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("rclpy")
+
+sys.path.insert(0, str(Path(__file__).parent))
+import _recorder_support as S  # noqa: E402
+
+from vqbet_core.calibration import load_calibration  # noqa: E402
+from vqbet_core.data.store import ZarrDataset  # noqa: E402
+
+pytestmark = [pytest.mark.ros, pytest.mark.timeout(240)]
+NS = "/robot1"
+RECORDER = f"{NS}/recorder_node"
+SHIPPED_YAML = S.REPO / "ros2_ws/src/vqbet_bringup/config/recorder.yaml"
+TEST_YAML = """\
+/**/recorder_node:
+  ros__parameters:
+    task: first
+    sample_delay: 0.1
+    status_period: 0.2
+    image_qos:
+      reliability: reliable
+"""
+
+
+def _keyboard_session(procs, client, lines_with_pauses):
+    """Run record_keyboard with piped input; returns its output lines. Spins the client meanwhile."""
+    proc = subprocess.Popen([sys.executable, "-m", "vqbet_ros.record_keyboard", "--ros-args", "-p", f"recorder:={RECORDER}"],
+                            env=procs.env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    procs.procs.append(proc)
+    out: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [out.put(line.rstrip()) for line in proc.stdout], daemon=True).start()
+    seen = []
+
+    def wait_for(prefix, timeout=30.0):
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            try:
+                line = out.get_nowait()
+                seen.append(line)
+                if line.startswith(prefix):
+                    return
+            except queue.Empty:
+                client.spin(0.05)
+        raise AssertionError(f"record_keyboard never printed {prefix!r}; output: {seen}")
+
+    for line, expect, pause in lines_with_pauses:
+        proc.stdin.write(line + "\n")
+        proc.stdin.flush()
+        if expect:
+            wait_for(expect)
+        client.spin(pause)
+    proc.stdin.write("q\n")
+    proc.stdin.close()
+    proc.wait(15)
+    return seen
+
+
+@pytest.fixture(scope="module")
+def session(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("recorder")
+    env = S.ros_env()
+    cal = S.write_calibration(tmp)
+    (tmp / "test.yaml").write_text(TEST_YAML)
+    out = tmp / "live.zarr"
+    procs = S.Procs(env, tmp)
+    client = None
+    result = {"tmp": tmp, "cal": cal, "out": out, "responses": {}}
+    try:
+        fake = procs.start("fake", S.fake_streams_args(tmp / "pub.jsonl", extra=["--bad-every", "9"]))
+        args = ["-m", "vqbet_ros.recorder_node", "--ros-args", "-r", f"__ns:={NS}",
+                "--params-file", str(SHIPPED_YAML), "--params-file", str(tmp / "test.yaml"),
+                "-p", f"output:={out}", "-p", f"calibration:={cal}", "-p", "min_free_mb:=1.0", "-p", "stop_free_mb:=0.5"]
+        rec = procs.start("recorder", args)
+        from sensor_msgs.msg import CompressedImage, Image, JointState
+        from std_msgs.msg import String
+
+        raw_types = {"/camera/image_raw": Image, "/wrist/image/compressed": CompressedImage,
+                     "/joint_states": JointState, "/teleop/joint_command": JointState,
+                     f"{RECORDER}/episode_events": String}
+        client = S.Client(int(env["ROS_DOMAIN_ID"]), RECORDER, raw_topics=raw_types)
+        client.wait_ready(proc=rec)
+        result["params"] = S.get_parameters(client, RECORDER, ["max_age", "sample_delay", "command_type", "task",
+                                                               "image_qos.reliability", "state_qos.depth", "status_period"])
+        client.spin(1.0)
+        r = result["responses"]
+        r["start0"] = client.call("start_episode")
+        r["start_again"] = client.call("start_episode")
+        client.spin(1.5)
+        r["end0"] = client.call("end_episode")
+        r["end_again"] = client.call("end_episode")
+        client.set_task("second")
+        client.spin(0.4)
+        r["start_discarded"] = client.call("start_episode")
+        client.spin(0.8)
+        r["discard"] = client.call("discard_episode")
+        r["start1"] = client.call("start_episode")
+        client.spin(1.0)
+        r["end1"] = client.call("end_episode")
+        result["keyboard"] = _keyboard_session(procs, client, [("t third", "task label", 0.3),
+                                                               ("s", "ok: episode 2 started", 1.0),
+                                                               ("e", "ok: episode 2 committed", 0.2)])
+        r["start3"] = client.call("start_episode")
+        client.spin(0.8)
+        result["recorder_rc"] = procs.stop(rec)  # SIGINT with an open episode: committed (on_shutdown: commit)
+        procs.stop(fake)
+        client.spin(0.3)
+        result.update(status=client.status, events=client.events, diagnostics=client.diagnostics, raw=client.raw,
+                      log=rec.log_path.read_text())
+    finally:
+        if client is not None:
+            client.close()
+        procs.close()
+    return result
+
+
+def test_services_and_shutdown(session):
+    r = session["responses"]
+    assert r["start0"].success and r["start0"].message.startswith("episode 0 started")
+    assert not r["start_again"].success and "already recording" in r["start_again"].message
+    assert r["end0"].success and r["end0"].message.startswith("episode 0 committed")
+    assert not r["end_again"].success
+    assert r["discard"].success and r["start1"].message.startswith("episode 1 started (task 'second')")
+    assert r["end1"].success and r["end1"].message.startswith("episode 1 committed")
+    assert session["recorder_rc"] == 0, session["log"][-2000:]
+    assert "committed episode 3" in session["log"]
+    ds = ZarrDataset.open(session["out"])
+    assert ds.n_episodes == 4  # 0, 1 by service, 2 by keyboard, 3 at shutdown; the discarded one left nothing
+    assert ds.attrs["episode_tasks"] == ["first", "second", "third", "third"]
+    assert ds.attrs["episode_notes"][:3] == ["", "", ""] and "shut down" in ds.attrs["episode_notes"][3]
+    assert ds.attrs["episode_sources"] == ["recorder_node"] * 4
+    lengths = np.diff(np.concatenate([[0], ds.episode_ends]))
+    for name, seconds in (("end0", 1.5), ("end1", 1.0)):
+        n = int(r[name].message.split(": ")[1].split(" steps")[0])
+        assert abs(n - seconds * 20) <= 6, (name, n)
+    assert [int(x) for x in lengths[:2]] == [int(r[n].message.split(": ")[1].split(" ")[0]) for n in ("end0", "end1")]
+
+
+def test_parameters_from_yaml_files(session):
+    p = session["params"]
+    # shipped config/recorder.yaml (under /**/recorder_node, node in a namespace), then the test's YAML over it
+    assert p["max_age"] == 0.1 and p["command_type"] == "JointState" and p["state_qos.depth"] == 50
+    assert p["task"] == "first" and p["sample_delay"] == 0.1 and p["status_period"] == 0.2
+    assert p["image_qos.reliability"] == "reliable"
+
+
+def test_dataset_matches_published(session):
+    ds = ZarrDataset.open(session["out"])
+    ds.validate(["robot_joint", "action", "camera_front", "camera_wrist", "timestamp"])
+    cal = load_calibration(session["cal"])
+    pre = {n: c.preprocess for n, c in cal.cameras.items()}
+    pub = S.read_pub_log(session["tmp"] / "pub.jsonl")
+    assert ds.array("camera_front").shape[1:] == (24, 32, 3) and ds.array("robot_joint").dtype == np.float32
+    for i in range(ds.n_episodes):
+        ep = ds.episode(i)
+        ticks = S.tick_ns(ep["timestamp"], 20.0)
+        assert np.all(np.diff(ticks) > 0) and np.all(np.diff(ticks) % 50_000_000 == 0)
+        assert np.all(np.abs(ticks * 1e-9 - ep["timestamp"]) < 1e-6)
+        expected = S.expected_episode(pub, ep["timestamp"], pre)
+        for key, want in expected.items():
+            np.testing.assert_array_equal(ep[key], want, err_msg=f"episode {i} {key}")
+    # the publisher really sent malformed messages, and the recorder skipped and counted them
+    final = session["status"][-1]
+    assert all(final["bad"][s] > 0 for s in ("robot_joint", "action", "camera_front")), final
+
+
+def test_status_and_diagnostics(session):
+    status = session["status"]
+    recording = [s for s in status if s["state"] == "recording"]
+    assert recording and {"episode", "length", "dropped", "disk_free_mb", "stale", "bad"} <= set(recording[-1])
+    assert max(s["length"] for s in recording) > 10 and recording[-1]["disk_free_mb"] > 0
+    diags = [st for arr in session["diagnostics"] for st in arr.status if "recorder" in st.name]
+    assert diags, "no /diagnostics from the recorder"
+    keys = {kv.key for kv in diags[-1].values}
+    assert {"episode", "length", "dropped", "disk_free_mb"} <= keys
+    events = [e["event"] for e in session["events"]]
+    assert events == ["start", "end", "start", "discard", "start", "end", "start", "end", "start"]
+
+
+@pytest.mark.parametrize("storage", ["mcap", "sqlite3"])
+def test_bag2zarr_matches_recorder(session, storage, tmp_path):
+    from vqbet_core.cli.main import main as vqbet
+
+    types = dict(S.BAG_TYPES, **{f"{RECORDER}/episode_events": "std_msgs/msg/String"})
+    bag = S.write_bag(tmp_path / f"bag_{storage}", session["raw"], types, storage)
+    out = tmp_path / "from_bag.zarr"
+    rc = vqbet(["bag2zarr", str(bag), "--calibration", str(session["cal"]), "--out", str(out), "--no-progress",
+                "--episode-topic", f"{RECORDER}/episode_events", "--delay", "0.1", "--min-free-mb", "1"])
+    assert rc == 0
+    live, offline = ZarrDataset.open(session["out"]), ZarrDataset.open(out)
+    # the bag holds the three episodes that ended with an event (the one closed by shutdown has none)
+    assert offline.n_episodes == 3
+    assert offline.attrs["episode_tasks"] == live.attrs["episode_tasks"][:3]
+    for i in range(3):
+        a, b = live.episode(i), offline.episode(i)
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key], err_msg=f"episode {i} {key}")

@@ -1,0 +1,58 @@
+"""``vqbet bag2zarr BAG... --calibration C.yaml --out D.zarr``: ROS 2 bags -> dataset, no ROS install needed."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("bags", nargs="+", metavar="BAG", help="rosbag2 folders (sqlite3 .db3 or mcap storage)")
+    parser.add_argument("--calibration", required=True, help="calibration YAML (joint order, cameras, crop/resize)")
+    parser.add_argument("--out", required=True, help="zarr dataset to create or append to")
+    parser.add_argument("--joint-states", default="/joint_states", help="JointState topic (default: %(default)s)")
+    parser.add_argument("--command", dest="command_topic", default="/teleop/joint_command",
+                        help="teleop command topic, JointState or JointTrajectory; becomes 'action' (default: %(default)s)")
+    parser.add_argument("--camera", action="append", default=[], metavar="NAME=TOPIC",
+                        help="camera topic override (repeatable); default: the calibration's topics")
+    parser.add_argument("--episode-topic", default=None,
+                        help="std_msgs/String marker topic that splits episodes ('start [task]', 'end', 'discard', "
+                             "or the recorder's ~/episode_events JSON); default: one episode per bag")
+    parser.add_argument("--control-hz", type=float, default=None, help="sampling rate (default: the calibration's)")
+    parser.add_argument("--max-age", type=float, default=0.1, help="drop a tick when a stream's latest message is older (s)")
+    parser.add_argument("--delay", type=float, default=0.05,
+                        help="sample a tick only once the clock is this far past it, as the recorder does (s)")
+    parser.add_argument("--stamp", choices=("header", "receive"), default="header",
+                        help="sample messages by header stamp (zero stamps fall back to log time) or by log time")
+    parser.add_argument("--no-preprocess", action="store_true", help="store full camera frames (no crop/resize)")
+    parser.add_argument("--task", default="", help="task label for episodes without one")
+    parser.add_argument("--min-free-mb", type=float, default=1024.0, help="free disk needed to start an episode")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run(args) -> int:
+    from vqbet_core.calibration import load_calibration
+    from vqbet_core.errors import VqbetError
+    from vqbet_core.recording.bag2zarr import BagOptions, convert_bags
+
+    cameras = {}
+    for item in args.camera:
+        name, sep, topic = item.partition("=")
+        if not sep or not name or not topic:
+            raise VqbetError(f"--camera {item!r}: expected NAME=TOPIC")
+        cameras[name] = topic
+    calibration = load_calibration(args.calibration)
+    options = BagOptions(
+        joint_states_topic=args.joint_states, command_topic=args.command_topic, camera_topics=cameras,
+        episode_topic=args.episode_topic, control_hz=args.control_hz, max_age=args.max_age, delay=args.delay,
+        stamp_source=args.stamp, preprocess=not args.no_preprocess, task=args.task,
+        min_free_mb=args.min_free_mb, stop_free_mb=min(256.0, args.min_free_mb),
+    )
+    log = lambda line: print(line, file=sys.stderr)  # noqa: E731
+    reports = convert_bags(args.bags, calibration, args.out, options, progress=not args.no_progress, log=log)
+    for r in reports:
+        print(json.dumps({"bag": r.bag, "episodes": [{"index": i, "length": n} for i, n in r.episodes],
+                          "skipped": r.skipped, "dropped": r.dropped, "stale": r.stale, "bad": r.bad,
+                          "ok": not r.error}))
+    return 2 if any(r.error for r in reports) else 0

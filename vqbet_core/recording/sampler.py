@@ -1,0 +1,489 @@
+"""Fixed-clock sampling of asynchronous streams, and the crash-safe episode writer. No ROS here.
+
+Why one ROS-free implementation: the recorder node (live DDS) and ``bag2zarr`` (offline bags) feed it the
+same decoded messages with the same stamps, so a bag and a live recording of the same teleoperation give
+the same dataset.
+
+Sampling rule (DESIGN.md section 5, recorder): ticks lie on an absolute grid, ``k * period`` nanoseconds
+of ROS time (period = 1/control_hz), so two callers that start an episode at slightly different moments
+still sample at the same instants. At tick ``t`` each stream contributes its latest message with stamp
+``<= t``, if that message is at most ``max_age`` old; otherwise the tick is dropped (not written) and
+counted against every stale stream. Tick ``t`` is only taken once the clock has reached ``t + delay``,
+so a message stamped before ``t`` that is still in transit is not missed.
+
+Values may be :class:`Lazy`: an image is decoded and resized only if a tick selects it, and a message
+that fails to decode then counts as bad and the previous message of that stream is used instead.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+import os
+import queue
+import shutil
+import threading
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Mapping
+
+import numpy as np
+
+from vqbet_core.data.store import ZarrDataset
+from vqbet_core.errors import DatasetError, VqbetError
+from vqbet_core.recording.messages import MessageError
+
+NS = 1_000_000_000
+#: per-episode lists in ``.zattrs``, one entry per committed episode
+EPISODE_LISTS = ("episode_tasks", "episode_sources", "episode_notes")
+_MAX_BACKLOG_TICKS = 1_000_000
+
+
+class DiskFullError(VqbetError):
+    """Not enough free disk to start or continue an episode."""
+
+
+class Lazy:
+    """A value computed on first use and cached (decode + crop/resize of a selected frame)."""
+
+    __slots__ = ("_fn", "_value")
+
+    def __init__(self, fn: Callable[[], object]):
+        self._fn = fn
+        self._value = None
+
+    def get(self):
+        if self._fn is not None:
+            self._value = self._fn()
+            self._fn = None
+        return self._value
+
+
+@dataclass
+class SamplerStats:
+    """Counts for the current episode (reset at :meth:`StreamSampler.start`) and in total."""
+
+    samples: int = 0  # ticks written
+    dropped: int = 0  # ticks not written because some stream was stale
+    stale: dict = field(default_factory=dict)  # stream -> ticks where it was stale or missing
+    bad: dict = field(default_factory=dict)  # stream -> bad messages skipped (this episode)
+    bad_total: dict = field(default_factory=dict)  # stream -> bad messages since creation
+    last_bad: str = ""  # the latest bad-message reason, for logs and diagnostics
+
+    def as_dict(self) -> dict:
+        return {"samples": self.samples, "dropped": self.dropped, "stale": dict(self.stale),
+                "bad": dict(self.bad), "bad_total": dict(self.bad_total), "last_bad": self.last_bad}
+
+
+class StreamSampler:
+    """Latest-message-per-stream sampling on a fixed clock (see module docstring)."""
+
+    def __init__(self, streams: Iterable[str], control_hz: float, max_age: float, delay: float = 0.0,
+                 max_history: int = 64):
+        self.streams = list(streams)
+        if not self.streams:
+            raise VqbetError("sampler needs at least one stream")
+        if not (control_hz > 0 and math.isfinite(control_hz)):
+            raise VqbetError(f"control_hz must be a positive number, got {control_hz}")
+        if not max_age > 0:
+            raise VqbetError(f"max_age must be positive seconds, got {max_age}")
+        if delay < 0:
+            raise VqbetError(f"sample delay must be >= 0 seconds, got {delay}")
+        self.period_ns = int(round(NS / control_hz))
+        self.max_age_ns = int(round(max_age * NS))
+        self.delay_ns = int(round(delay * NS))
+        self.max_history = int(max_history)
+        self._stamps: dict[str, list[int]] = {s: [] for s in self.streams}
+        self._values: dict[str, list] = {s: [] for s in self.streams}
+        self.active = False
+        self.next_tick = 0
+        self.stats = SamplerStats(stale={s: 0 for s in self.streams}, bad={s: 0 for s in self.streams},
+                                  bad_total={s: 0 for s in self.streams})
+
+    # ------------------------------------------------------------------ input
+    def push(self, stream: str, stamp: int, value) -> None:
+        """Add a decoded (or :class:`Lazy`) message of ``stream`` stamped ``stamp`` ns."""
+        stamps, values = self._stamps[stream], self._values[stream]
+        if not stamps or stamp >= stamps[-1]:
+            stamps.append(stamp)
+            values.append(value)
+        else:
+            i = bisect.bisect_right(stamps, stamp)
+            stamps.insert(i, stamp)
+            values.insert(i, value)
+        if len(stamps) > self.max_history:
+            del stamps[0], values[0]
+
+    def bad(self, stream: str, reason: str) -> None:
+        """Count a malformed message of ``stream`` (skipped, never fatal)."""
+        self.stats.bad[stream] = self.stats.bad.get(stream, 0) + 1
+        self.stats.bad_total[stream] = self.stats.bad_total.get(stream, 0) + 1
+        self.stats.last_bad = f"{stream}: {reason}"
+
+    # ------------------------------------------------------------------ episodes
+    def first_tick(self, at: int) -> int:
+        return -(-int(at) // self.period_ns) * self.period_ns
+
+    def start(self, at: int) -> None:
+        """Begin sampling at the first grid tick at or after ``at`` ns; resets the per-episode counts."""
+        self.active = True
+        self.next_tick = self.first_tick(at)
+        self.stats.samples = self.stats.dropped = 0
+        self.stats.stale = {s: 0 for s in self.streams}
+        self.stats.bad = {s: 0 for s in self.streams}
+
+    def stop(self) -> None:
+        self.active = False
+
+    # ------------------------------------------------------------------ clock
+    def advance(self, now: int) -> list[tuple[int, dict]]:
+        """Take every tick ``t <= now - delay`` not taken yet; returns ``[(t, {stream: value})]`` of fresh ticks."""
+        horizon = int(now) - self.delay_ns
+        out = []
+        if self.active and self.next_tick <= horizon:
+            backlog = (horizon - self.next_tick) // self.period_ns + 1
+            if backlog > _MAX_BACKLOG_TICKS:  # a clock jump: count, do not loop for hours
+                skip = backlog - _MAX_BACKLOG_TICKS
+                self.stats.dropped += skip
+                for s in self.streams:
+                    self.stats.stale[s] += skip
+                self.next_tick += skip * self.period_ns
+            while self.next_tick <= horizon:
+                values = self._sample(self.next_tick)
+                if values is not None:
+                    out.append((self.next_tick, values))
+                    self.stats.samples += 1
+                self.next_tick += self.period_ns
+        self._prune(self.next_tick if self.active else horizon)
+        return out
+
+    def _select(self, stream: str, tick: int):
+        """Latest good message of ``stream`` at ``tick``, or None when stale / missing."""
+        stamps, values = self._stamps[stream], self._values[stream]
+        i = bisect.bisect_right(stamps, tick) - 1
+        while i >= 0:
+            if tick - stamps[i] > self.max_age_ns:
+                return None
+            value = values[i]
+            if isinstance(value, Lazy):
+                try:
+                    value = value.get()
+                except MessageError as exc:
+                    self.bad(stream, str(exc))
+                    del stamps[i], values[i]
+                    i -= 1
+                    continue
+            return value
+        return None
+
+    def _sample(self, tick: int) -> dict | None:
+        # cheap staleness check on stamps first, so nothing is decoded for a tick that is dropped anyway
+        stale = []
+        for s in self.streams:
+            stamps = self._stamps[s]
+            i = bisect.bisect_right(stamps, tick) - 1
+            if i < 0 or tick - stamps[i] > self.max_age_ns:
+                stale.append(s)
+        values = {}
+        if not stale:
+            for s in self.streams:
+                v = self._select(s, tick)
+                if v is None:
+                    stale.append(s)
+                    break
+                values[s] = v
+        if stale:
+            self.stats.dropped += 1
+            for s in stale:
+                self.stats.stale[s] += 1
+            return None
+        return values
+
+    def _prune(self, tick: int) -> None:
+        """Forget messages that no tick at or after ``tick`` can select."""
+        for s in self.streams:
+            stamps = self._stamps[s]
+            i = bisect.bisect_right(stamps, tick) - 1
+            if i > 0:
+                del stamps[:i], self._values[s][:i]
+
+
+# ====================================================================== writer
+def disk_free_bytes(path: str | os.PathLike) -> int:
+    """Free bytes on the file system that holds ``path`` (or its nearest existing parent)."""
+    p = Path(path).absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return shutil.disk_usage(p).free
+
+
+@dataclass
+class EpisodeResult:
+    index: int  # episode index in the dataset, -1 when nothing was committed
+    length: int  # steps committed (or dropped, for a discard)
+    note: str = ""
+
+
+class EpisodeWriter:
+    """Streams sampled steps into a :class:`ZarrDataset`, one episode at a time.
+
+    Crash safety is the store's contract: steps go into the arrays as they come (in batches of
+    ``flush_every``, on a background thread so the sampling clock never waits for the disk), and the
+    episode becomes visible only at :meth:`commit`. Opening the store truncates leftovers of an
+    interrupted episode. Per-episode task / source / note lists live in ``.zattrs`` and are written
+    *before* the commit point, so a crash between the two leaves an extra entry that the next open trims.
+    """
+
+    def __init__(self, path: str | os.PathLike, attrs: Mapping, *, min_free_mb: float = 1024.0,
+                 stop_free_mb: float = 256.0, flush_every: int = 30, background: bool = True,
+                 check_keys: Iterable[str] = ("joint_names", "control_hz", "cameras")):
+        self.path = Path(path)
+        self.min_free = int(min_free_mb * 1024 * 1024)
+        self.stop_free = int(stop_free_mb * 1024 * 1024)
+        self.flush_every = max(1, int(flush_every))
+        self.ds, self.recovered_steps = self._open(dict(attrs), tuple(check_keys))
+        self._fix_episode_lists()
+        self.recording = False
+        self._meta: dict = {}
+        self._buffer: list[tuple[int, dict]] = []
+        self._buffered_keys: dict | None = None
+        self._written = 0  # steps of the open episode handed to the store (or its queue)
+        self._error: BaseException | None = None
+        self._queue: queue.Queue | None = None
+        self._thread: threading.Thread | None = None
+        if background:
+            self._queue = queue.Queue(maxsize=64)
+            self._thread = threading.Thread(target=self._worker, name="episode-writer", daemon=True)
+            self._thread.start()
+
+    # ------------------------------------------------------------------ opening
+    def _open(self, attrs: dict, check_keys: tuple) -> tuple[ZarrDataset, int]:
+        if not self.path.exists():
+            # build the empty store beside the target and rename it into place: a crash never leaves a
+            # half-created store behind at ``path``
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_name(f".{self.path.name}.{uuid.uuid4().hex[:8]}.creating")
+            ZarrDataset.create(tmp, {**attrs, **{k: [] for k in EPISODE_LISTS}})
+            try:
+                os.rename(tmp, self.path)
+            except OSError:
+                shutil.rmtree(tmp, ignore_errors=True)
+                if not self.path.exists():
+                    raise
+            return ZarrDataset.open(self.path, mode="a"), 0
+        ds = ZarrDataset.open(self.path, mode="a")
+        existing = ds.attrs
+        for key in check_keys:
+            if key in attrs and key in existing and _normalize(existing[key]) != _normalize(attrs[key]):
+                raise DatasetError(f"{self.path}: existing dataset has {key}={existing[key]!r}, this recording "
+                                   f"has {attrs[key]!r} (use a new output path)")
+        return ds, ds.recovered_steps
+
+    def _fix_episode_lists(self) -> None:
+        n = self.ds.n_episodes
+        attrs = self.ds.attrs
+        fixed = {}
+        for key in EPISODE_LISTS:
+            values = list(attrs.get(key) or [])
+            if len(values) != n:
+                fixed[key] = (values + [""] * n)[:n]
+        if fixed:
+            self.ds.update_attrs(fixed)
+
+    # ------------------------------------------------------------------ state
+    @property
+    def n_episodes(self) -> int:
+        return self.ds.n_episodes
+
+    @property
+    def episode_length(self) -> int:
+        """Steps recorded in the open episode so far."""
+        return self._written + len(self._buffer)
+
+    def disk_free(self) -> int:
+        return disk_free_bytes(self.path)
+
+    def _raise_pending_error(self) -> None:
+        if self._error is not None:
+            err = self._error
+            if isinstance(err, OSError):
+                raise DiskFullError(f"{self.path}: writing failed ({err.strerror or err}); recording stopped") from None
+            raise err
+
+    # ------------------------------------------------------------------ episodes
+    def start(self, task: str = "", source: str = "") -> int:
+        """Open a new episode; refuses when free disk is below ``min_free_mb``. Returns its future index."""
+        if self.recording:
+            raise VqbetError(f"episode {self.n_episodes} is already being recorded")
+        free = self.disk_free()
+        if free < self.min_free:
+            raise DiskFullError(f"only {free / 2**20:.0f} MB free on the disk of {self.path}, need "
+                                f"{self.min_free / 2**20:.0f} MB (min_free_mb) to start an episode")
+        self._drain()
+        self.ds.recover()
+        self._error = None
+        self.recording = True
+        self._meta = {"episode_tasks": str(task), "episode_sources": str(source), "episode_notes": ""}
+        self._written = 0
+        self._buffer = []
+        data = self.ds.root["data"]
+        self._buffered_keys = {k: (tuple(data[k].shape[1:]), data[k].dtype) for k in self.ds.keys
+                               if k != "timestamp"} or None
+        return self.n_episodes
+
+    def set_task(self, task: str) -> None:
+        if self.recording:
+            self._meta["episode_tasks"] = str(task)
+
+    def add(self, stamp: int, values: Mapping[str, np.ndarray]) -> None:
+        """Add one sampled step (``values`` keyed by dataset key; ``timestamp`` is added from ``stamp`` ns).
+
+        Raises :class:`DiskFullError` when the disk has dropped below ``stop_free_mb`` or a write failed:
+        the caller then commits what was written (:meth:`commit`) and stops.
+        """
+        if not self.recording:
+            raise VqbetError("no episode is being recorded (call start first)")
+        self._raise_pending_error()
+        values = dict(values)
+        if self._buffered_keys is None:
+            self._buffered_keys = {k: (np.shape(v), np.asarray(v).dtype) for k, v in values.items()}
+        elif len(values) != len(self._buffered_keys) or any(
+                (np.shape(v), np.asarray(v).dtype) != self._buffered_keys.get(k) for k, v in values.items()):
+            got = {k: np.shape(v) for k, v in values.items()}
+            raise MessageError(f"step does not match the episode's keys/shapes: got {got}, "
+                               f"expected { {k: s for k, (s, _) in self._buffered_keys.items()} }")
+        self._buffer.append((int(stamp), values))
+        if len(self._buffer) >= self.flush_every:
+            self._flush()
+            free = self.disk_free()
+            if free < self.stop_free:
+                raise DiskFullError(f"disk space low: {free / 2**20:.0f} MB free on the disk of {self.path} "
+                                    f"(stop_free_mb={self.stop_free / 2**20:.0f}); recording stopped")
+
+    def _flush(self) -> None:
+        if not self._buffer:
+            return
+        keys = tuple(sorted(self._buffer[0][1]))
+        batch = {k: np.stack([v[k] for _, v in self._buffer]) for k in keys}
+        batch["timestamp"] = np.array([t for t, _ in self._buffer], dtype=np.float64) / NS
+        self._written += len(self._buffer)
+        self._buffer = []
+        if self._queue is not None:
+            self._queue.put(batch)
+        else:
+            self._write(batch)
+
+    def _write(self, batch: dict) -> None:
+        if self._error is not None:
+            return
+        try:
+            self.ds.append_steps(batch)
+        except BaseException as exc:  # noqa: BLE001 - kept and re-raised on the caller's thread
+            self._error = exc
+
+    def _worker(self) -> None:
+        while True:
+            batch = self._queue.get()
+            try:
+                if batch is None:
+                    return
+                self._write(batch)
+            finally:
+                self._queue.task_done()
+
+    def _drain(self) -> None:
+        if self._queue is not None:
+            self._queue.join()
+
+    def commit(self, note: str = "") -> EpisodeResult:
+        """Make the recorded steps a visible episode (the commit point).
+
+        After a failed write only the steps that reached the disk completely are committed, with a note.
+        An empty episode is discarded instead (index -1).
+        """
+        if not self.recording:
+            raise VqbetError("no episode is being recorded")
+        failed = None
+        try:
+            self._flush()
+        except BaseException as exc:  # noqa: BLE001
+            failed = exc
+        self._drain()
+        if self._error is not None or failed is not None:
+            err = self._error or failed
+            note = note or f"truncated: {getattr(err, 'strerror', None) or err}"
+        self.recording = False
+        length = self.ds.pending_steps
+        if length == 0:
+            self.ds.recover()
+            return EpisodeResult(-1, 0, note or "empty episode, nothing committed")
+        if self._written != length:
+            note = note or "truncated"
+        meta = dict(self._meta, episode_notes=note)
+        attrs = self.ds.attrs
+        self.ds.update_attrs({k: list(attrs.get(k) or [])[: self.ds.n_episodes] + [meta[k]] for k in EPISODE_LISTS})
+        index = self.ds.commit_episode()
+        return EpisodeResult(index, length, note)
+
+    def discard(self) -> EpisodeResult:
+        """Drop the open episode (nothing of it stays on disk)."""
+        if not self.recording:
+            raise VqbetError("no episode is being recorded")
+        self._buffer = []
+        self._drain()
+        self.recording = False
+        dropped = self._written
+        self.ds.discard_episode()
+        self._error = None
+        return EpisodeResult(-1, dropped, "discarded")
+
+    def close(self) -> None:
+        """Stop the writer thread (an open episode stays uncommitted: commit or discard first)."""
+        if self._thread is not None:
+            self._drain()
+            self._queue.put(None)
+            self._thread.join(timeout=10)
+            self._thread = None
+
+
+def _normalize(value):
+    """Compare attrs read back from JSON (lists, floats) with freshly built ones (tuples, ints)."""
+    if isinstance(value, Mapping):
+        return {str(k): _normalize(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_normalize(v) for v in value]
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    return value
+
+
+# ====================================================================== dataset layout
+def camera_key(name: str) -> str:
+    return f"camera_{name}"
+
+
+def stream_keys(camera_names: Iterable[str]) -> list[str]:
+    """The sampled streams, named by the dataset keys they become (DESIGN.md section 3)."""
+    return [camera_key(n) for n in camera_names] + ["robot_joint", "action"]
+
+
+def dataset_attrs(calibration, camera_names: Iterable[str], control_hz: float, source: str,
+                  settings: Mapping | None = None) -> dict:
+    """``.zattrs`` of a recorded dataset: calibration, keys, sampling settings (the same for both callers)."""
+    names = list(camera_names)
+    attrs = calibration.to_attrs()
+    attrs["cameras"] = {n: attrs["cameras"][n] for n in names}
+    if not (settings or {}).get("preprocess_images", True):
+        # full frames are stored: readers must not assume the calibration's crop/resize was applied
+        for n in names:
+            attrs["cameras"][n] = {**attrs["cameras"][n], "preprocess": None,
+                                   "calibration_preprocess": attrs["cameras"][n]["preprocess"]}
+    attrs["control_hz"] = float(control_hz)
+    attrs["keys"] = sorted(stream_keys(names) + ["timestamp"])
+    attrs["source"] = source
+    attrs["recording"] = dict(settings or {})
+    return attrs
+
+
+RECORDING_CHECK_KEYS = ("joint_names", "control_hz", "keys")
