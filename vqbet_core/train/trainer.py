@@ -211,13 +211,13 @@ class Trainer:
             step = self.meta["phase1_step"]
             bar.update(1)
             if step % int(self.tcfg["log_every"]) == 0 or step == steps:
-                record = {"phase": 1, "step": step, "loss": float(loss), **_scalars(metrics)}
+                record = {"phase": 1, "step": step, "loss": float(loss.detach()), **_scalars(metrics)}
                 if step % int(self.tcfg["val_every"]) == 0 or step == steps:
                     self.policy.eval()
                     with torch.no_grad():
                         record.update({f"usage_{k}": v for k, v in _scalars(self.policy.tokenizer_stats(probe)).items()})
                     self.policy.train()
-                bar.set_postfix(loss=f"{float(loss):.4f}")
+                bar.set_postfix(loss=f"{float(loss.detach()):.4f}")
                 self.log.write(record)
             if step % int(self.tcfg["ckpt_every"]) == 0:
                 self.save(opt)
@@ -236,7 +236,7 @@ class Trainer:
             for _ in range(n):
                 b = self.data.random_batch(self.data.val, int(self.tcfg["batch_size"]), rng)
                 loss, metrics = self.policy.policy_loss(b.obs, b.goal, b.actions)
-                for k, v in {"loss": float(loss), **_scalars(metrics)}.items():
+                for k, v in {"loss": float(loss.detach()), **_scalars(metrics)}.items():
                     totals[f"val_{k}"] = totals.get(f"val_{k}", 0.0) + v / n
         self.policy.train()
         return totals
@@ -285,7 +285,7 @@ class Trainer:
                           "samples_per_s": seen * self.world / (time.perf_counter() - t0)}
                 if step % int(self.tcfg["val_every"]) == 0 or step == steps:
                     record.update(self._validate())
-                bar.set_postfix(loss=f"{float(loss):.4f}")
+                bar.set_postfix(loss=f"{float(loss.detach()):.4f}")
                 self.log.write(record)
             if step % int(self.tcfg["ckpt_every"]) == 0:
                 self.save(opt)
