@@ -368,3 +368,12 @@ def test_onnx_export_matches_torch_with_dynamic_batch(tmp_path):
         assert got.shape == (n, FEATURE_DIM)
         with torch.no_grad():
             np.testing.assert_allclose(got, encoder(x).numpy(), atol=1e-4)
+
+
+def test_feature_cache_benchmark_runs_and_agrees():
+    from vqbet_core.vision.feature_cache import bench_feature_cache
+
+    r = bench_feature_cache(frames=12, episodes=2, image_size=32, batch=2, window=2, steps=1, train_steps=100, threads=2)
+    assert r["frames"] == 12 and r["frames_per_step"] == 4
+    assert r["max_abs_diff_cached_vs_naive"] < 1e-4  # cached features are the ones the naive path computes
+    assert r["step_speedup"] > 1

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sys
 import time
 import warnings
@@ -251,24 +252,34 @@ def export_encoder_onnx(encoder: ImageEncoder, image_size, path: str | Path, ops
 
 
 # ---------------------------------------------------------------------- benchmark
-def _time_per_call(fn, min_calls: int = 5, min_seconds: float = 1.0) -> float:
-    fn()  # warm-up
-    calls, start = 0, time.perf_counter()
-    while calls < min_calls or time.perf_counter() - start < min_seconds:
-        fn()
-        calls += 1
-    return (time.perf_counter() - start) / calls
+def _interleaved_times(fns: dict, min_calls: int = 5, min_seconds: float = 1.0) -> dict[str, np.ndarray]:
+    """Per-call seconds of each function, calls alternating so a busy machine slows all of them alike."""
+    for fn in fns.values():
+        fn()  # warm-up
+    times = {name: [] for name in fns}
+    start = time.perf_counter()
+    while len(next(iter(times.values()))) < min_calls or time.perf_counter() - start < min_seconds:
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t)
+    return {name: np.asarray(v) for name, v in times.items()}
 
 
 def bench_encoder(sizes=(96, 224), batches=(1, 64), threads: int = 2, min_seconds: float = 1.0) -> dict:
-    """ResNet-18 forward time per frame, torch eager vs onnxruntime (CPU, ``threads`` threads)."""
+    """ResNet-18 forward time per frame, torch eager vs onnxruntime (CPU, ``threads`` threads).
+
+    Reports the median and the minimum over calls (the minimum is the figure least disturbed by
+    other processes on a shared machine) and the torch / onnxruntime ratio of the medians.
+    """
     import tempfile
 
     import onnxruntime as ort
 
     torch.set_num_threads(threads)
     encoder = build_encoder({"weights": "none"})
-    result = {"bench": "resnet18_encoder", "threads": threads, "torch": torch.__version__, "onnxruntime": ort.__version__, "ms_per_frame": {}}
+    result = {"bench": "resnet18_encoder", "threads": threads, "torch": torch.__version__, "onnxruntime": ort.__version__,
+              "load_avg_1min": round(os.getloadavg()[0], 2), "ms_per_frame": {}}
     with tempfile.TemporaryDirectory() as tmp:
         for size in sizes:
             onnx_path = Path(tmp) / f"encoder_{size}.onnx"
@@ -282,13 +293,17 @@ def bench_encoder(sizes=(96, 224), batches=(1, 64), threads: int = 2, min_second
                 x = np.random.default_rng(0).standard_normal((batch, 3, size, size)).astype(np.float32)
                 xt = torch.from_numpy(x)
                 with torch.no_grad():
-                    t_torch = _time_per_call(lambda: encoder(xt), min_seconds=min_seconds)
-                t_ort = _time_per_call(lambda: session.run(["features"], {"image": x}), min_seconds=min_seconds)
-                result["ms_per_frame"][f"{size}px_batch{batch}"] = {
-                    "torch": round(1e3 * t_torch / batch, 3),
-                    "onnxruntime": round(1e3 * t_ort / batch, 3),
-                    "torch_over_ort": round(t_torch / t_ort, 2),
-                }
+                    times = _interleaved_times({"torch": lambda: encoder(xt),
+                                                "onnxruntime": lambda: session.run(["features"], {"image": x})},
+                                               min_seconds=min_seconds)
+                entry = {}
+                for name, t in times.items():
+                    entry[name] = round(1e3 * float(np.median(t)) / batch, 3)
+                    entry[f"{name}_min"] = round(1e3 * float(t.min()) / batch, 3)
+                entry["calls"] = len(times["torch"])
+                entry["torch_over_ort"] = round(float(np.median(times["torch"]) / np.median(times["onnxruntime"])), 2)
+                result["ms_per_frame"][f"{size}px_batch{batch}"] = entry
+    result["load_avg_1min_after"] = round(os.getloadavg()[0], 2)
     return result
 
 
