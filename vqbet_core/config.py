@@ -28,7 +28,7 @@ DEFAULTS: dict = {
            "commitment_weight": 5.0, "dead_code_threshold": 1.0},
     "gpt": {"n_layer": 6, "n_head": 6, "n_embd": 120, "dropout": 0.1},
     "heads": {"hidden": 512},
-    "loss": {"primary": 5.0, "secondary": 0.5, "offset": 100.0, "focal_gamma": 2.0},
+    "loss": {"primary": 5.0, "secondary": 0.5, "offset": 100.0, "focal_gamma": 2.0, "offset_codes": "sampled"},
     "bet": {"n_bins": 24, "offset_weight": 100.0},
     "sampling": {"temperature": 1.0, "sequential": True},
     "train": {

@@ -10,6 +10,16 @@ Tensors are always in *normalized* units (see ``vqbet_core.data.normalize``):
 
 Phases: phase 1 fits the action tokenizer (residual VQ-VAE for VQ-BeT, k-means bins for BeT);
 phase 2 trains the GPT and heads with the tokenizer frozen.
+
+Freezing protocol (trainer side): call ``policy.freeze_tokenizer()`` once phase 1 is done. From then on
+the tokenizer modules stay in eval mode (no EMA codebook updates, no dead-code restarts) and have
+``requires_grad=False``, even when the trainer calls ``policy.train()``. The flag is the persistent
+buffer ``tokenizer_frozen``, so a checkpoint reloaded with ``load_state_dict`` is frozen again too.
+``tokenizer_loss`` refuses to run on a frozen tokenizer.
+
+Persistence: everything a policy needs at inference (codebooks, k-means centres, the frozen flag)
+lives in ``state_dict()`` as parameters or buffers, so ``safetensors.torch.save_file(policy.state_dict())``
+and ``load_state_dict`` into a freshly built policy (same cfg and dims) restore it exactly.
 """
 
 from __future__ import annotations
@@ -49,6 +59,40 @@ class Policy(nn.Module, ABC):
         self.goal_dim = goal_dim
         self.obs_window = int(cfg["obs_window"])
         self.action_chunk = int(cfg["action_chunk"])
+        self.register_buffer("tokenizer_frozen", torch.tensor(False))
+        self._frozen = False  # python mirror of the buffer: no device sync on every step
+        self.register_load_state_dict_post_hook(lambda module, _keys: module._after_load())
+
+    # ---------------------------------------------------------------- freezing
+    def tokenizer_modules(self) -> list[nn.Module]:
+        """Submodules that form the action tokenizer (frozen in phase 2)."""
+        return []
+
+    @property
+    def is_tokenizer_frozen(self) -> bool:
+        return self._frozen
+
+    def freeze_tokenizer(self) -> None:
+        """End of phase 1: tokenizer to eval mode and no gradients, for good (see module docstring)."""
+        self.tokenizer_frozen.fill_(True)
+        self._frozen = True
+        self._apply_tokenizer_freeze()
+
+    def _after_load(self) -> None:
+        """Re-derive python-side state from loaded buffers (subclasses extend it)."""
+        self._frozen = bool(self.tokenizer_frozen)
+        self._apply_tokenizer_freeze()
+
+    def _apply_tokenizer_freeze(self) -> None:
+        if self._frozen:
+            for module in self.tokenizer_modules():
+                module.eval()
+                module.requires_grad_(False)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self._apply_tokenizer_freeze()
+        return self
 
     # ---------------------------------------------------------------- phase 1
     @abstractmethod
@@ -60,7 +104,11 @@ class Policy(nn.Module, ABC):
 
     @abstractmethod
     def tokenizer_loss(self, chunks: torch.Tensor) -> tuple[torch.Tensor, dict] | None:
-        """Phase-1 loss on chunks ``(B, W, A)``; ``None`` when the tokenizer has no gradient training."""
+        """Phase-1 loss on chunks ``(B, W, A)``; ``None`` when the tokenizer has no gradient training.
+
+        Metric values (here and in ``policy_loss``) are python numbers or detached 0-dim tensors, so a
+        CUDA training step needs no device sync; read them with ``float()`` when logging.
+        """
 
     @abstractmethod
     def tokenizer_stats(self, chunks: torch.Tensor) -> dict:
@@ -89,7 +137,7 @@ class Policy(nn.Module, ABC):
 
     @abstractmethod
     def decode_table(self) -> torch.Tensor:
-        """Decoded chunk for every code tuple: ``(C,)*L + (W*A,)`` i.e. ``(C, C, W*A)`` or ``(K, A)``.
+        """Decoded chunk for every code tuple: ``(C,)*L + (W*A,)`` i.e. ``(C, C, W*A)`` or ``(K, W*A)``.
 
         Runtime decoding is then ``table[codes] + sum_l offsets[l, codes[l]]`` with no network.
         """
