@@ -184,7 +184,7 @@ class PushTExpert(Expert):
 
     Each plan samples ``n_candidates`` primitives: a contact point on the T's outline, a push
     direction within ~30 degrees of the inward normal, a speed. The agent walks there (around the
-    T on a circle when the straight way is blocked), settles, then pushes up to ``max_push`` px.
+    T on a circle when the straight way is blocked), settles for a step, then pushes up to ``max_push`` px.
     The shadow world plays each primitive; the cost after every push step is the distance of the
     T's centre of gravity to the goal's plus ``angle_weight`` px per radian of rotation still owed
     (in the committed turning direction), plus ``step_cost`` per step; the best prefix is executed
@@ -280,7 +280,7 @@ class PushTExpert(Expert):
         pts = [st["block_pos"] + R @ np.array(v, dtype=np.float64) for v in T_OUTLINE]
         return self._sg.Polygon(pts)
 
-    def _travel(self, start: np.ndarray, goal: np.ndarray, poly, clear, center: np.ndarray, orbit: float) -> list[np.ndarray] | None:
+    def _travel(self, start: np.ndarray, goal: np.ndarray, poly, clear, center: np.ndarray, orbit: float) -> list[np.ndarray]:
         """Waypoints from ``start`` to ``goal`` that keep the agent off the T (``clear`` = inflated T)."""
         sg = self._sg
         points = [np.asarray(start, dtype=np.float64)]
