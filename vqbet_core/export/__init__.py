@@ -1,0 +1,1 @@
+"""Checkpoint -> exported model folder (ONNX graphs, model.yaml, arrays.npz, card.md); see onnx_export."""

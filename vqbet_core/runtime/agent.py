@@ -1,0 +1,41 @@
+"""``RuntimeAgent``: the onnxruntime runtime behind the ``act(obs) / reset(goal)`` API of ``TorchAgent``.
+
+``vqbet eval --model DIR`` rolls out an exported model exactly as the robot runs it: same runtime,
+same chunk blending (``blend_chunks`` with equal weights = the paper's averaging), with simulated time
+``step / control_hz`` as the observation stamps.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from vqbet_core.errors import VqbetError
+from vqbet_core.runtime.policy import PolicyRuntime
+
+
+class RuntimeAgent:
+    def __init__(self, model_dir: str | Path, temperature: float | None = None, seed: int = 0, blend: bool = True,
+                 providers: list[str] | None = None, threads: int | None = None):
+        self.runtime = PolicyRuntime(model_dir, providers=providers, seed=seed, temperature=temperature, threads=threads)
+        self.model = self.runtime.spec  # .meta = the model.yaml dict
+        self.blend = blend
+        self.needs_goal = self.model.goal_dim > 0
+        self.step = 0
+
+    def reset(self, goal=None) -> None:
+        self.runtime.reset(goal)
+        self.step = 0
+
+    def act(self, obs: dict) -> np.ndarray:
+        """One control step: the action to apply now (blended over the overlapping chunks)."""
+        spec = self.model
+        missing = [k for k in spec.obs_keys + spec.image_keys if k not in obs]
+        if missing:
+            raise VqbetError(f"observation is missing key(s) {missing} (model expects {spec.obs_keys + spec.image_keys})")
+        stamp = self.step * spec.period
+        self.runtime.observe({k: obs[k] for k in spec.obs_keys}, {k: obs[k] for k in spec.image_keys}, stamp)
+        self.step += 1
+        chunk = self.runtime.predict_blended() if self.blend else self.runtime.predict()
+        return chunk.actions[0].copy()
