@@ -140,3 +140,46 @@ def test_message_round_trip(limits):
     np.testing.assert_allclose(p, traj.positions)
     np.testing.assert_allclose(v, traj.velocities)
     assert all(np.diff([pt.time_from_start.sec + pt.time_from_start.nanosec * 1e-9 for pt in msg.points]) > 0)
+
+
+# ---------------------------------------------------------------------- joint states by name (policy node)
+def test_joint_state_merger_maps_by_name_and_merges_partial_messages():
+    from vqbet_ros.policy_node import JointStateMerger
+
+    names = CALIB.joint_names
+    m = JointStateMerger(names)
+    assert "no joint state yet" in m.problem(10.0, 0.5)
+    arm = names[:7]
+    shuffled = list(reversed(arm)) + ["some_other_joint"]
+    assert m.update(shuffled, [float(names.index(n)) if n in names else 99.0 for n in shuffled], 10.0) == 7
+    assert m.partial == 1 and "panda_finger_joint1" in m.problem(10.0, 0.5)  # fingers missing: not ready
+    m.update(names[7:], [7.0, 8.0], 10.2)
+    assert m.problem(10.3, 0.5) is None
+    np.testing.assert_allclose(m.positions, np.arange(9.0))  # calibration order, whatever the message order
+    problem = m.problem(10.6, 0.5)  # the arm joints (stamped 10.0) are now too old
+    assert problem is not None and "old" in problem and "panda_joint" in problem
+    assert m.age(10.6) == pytest.approx(0.6)
+
+
+@pytest.mark.parametrize("names,positions,match", [
+    (["panda_joint1", "panda_joint2"], [0.0], "2 names but 1 positions"),
+    (["panda_joint1", "panda_joint1"], [0.0, 1.0], "duplicate"),
+    (["panda_joint1", "panda_joint2"], [np.nan, 0.0], "non-finite.*panda_joint1"),
+])
+def test_joint_state_merger_rejects_malformed_messages_whole(names, positions, match):
+    from vqbet_ros.policy_node import JointStateMerger
+
+    m = JointStateMerger(CALIB.joint_names)
+    m.update(CALIB.joint_names, np.ones(9), 5.0)
+    with pytest.raises(ValueError, match=match):
+        m.update(names, positions, 6.0)
+    np.testing.assert_allclose(m.positions, np.ones(9))  # nothing of the bad message was taken
+    assert m.problem(6.0, 1.5) is None and m.age(6.0) == pytest.approx(1.0)
+
+
+def test_joint_state_merger_ignores_messages_without_our_joints():
+    from vqbet_ros.policy_node import JointStateMerger
+
+    m = JointStateMerger(CALIB.joint_names)
+    assert m.update(["wheel_left", "wheel_right"], [np.nan, 1.0], 1.0) == 0
+    assert "no joint state yet" in m.problem(1.0, 0.5)

@@ -24,6 +24,7 @@ setup(
             "recorder_node = vqbet_ros.recorder_node:main",
             "record_keyboard = vqbet_ros.record_keyboard:main",
             "fake_streams = vqbet_ros.fake_streams:main",
+            "policy_node = vqbet_ros.policy_node:main",
         ],
     },
 )

@@ -1,0 +1,254 @@
+"""``vqbet bench ros``: image published -> trajectory received latency through a real policy_node process.
+
+Why measured this way: what the robot feels is the time from a camera frame to the trajectory that
+reacts to it, and the part the ROS shell adds on top of the runtime's own step (message transport both
+ways, image conversion, queues, safety math, publishing) is the number to keep small. The node runs
+with ``trigger: camera`` (each frame starts a step, stamped with the frame's header stamp) and
+``publish_timing`` (its runtime step time per step on ``~/step_timing``), so every trajectory is
+matched to its frame by stamp and ``overhead = end-to-end - runtime step`` is computed per step, in the
+same run. Prints one JSON line.
+
+Run: ``vqbet bench ros --model models/NAME [--calibration C.yaml] [--steps 1000] [--transport large_data]``
+(or ``python -m vqbet_ros.bench_ros ...``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[4]
+
+
+def _stats(values) -> dict:
+    a = np.asarray(values, np.float64)
+    if a.size == 0:
+        return {"p50": None, "p99": None, "max": None, "mean": None}
+    return {"p50": round(float(np.percentile(a, 50)), 3), "p99": round(float(np.percentile(a, 99)), 3),
+            "max": round(float(a.max()), 3), "mean": round(float(a.mean()), 3)}
+
+
+def _match(stamps: list[int], keyed: dict, tol_ns: int = 2000) -> dict[int, int]:
+    """Published stamp -> the key of ``keyed`` within ``tol_ns`` of it (stamps are unique, > 1 ms apart)."""
+    keys = np.array(sorted(keyed), dtype=np.int64)
+    out = {}
+    if keys.size == 0:
+        return out
+    for s in stamps:
+        i = int(np.searchsorted(keys, s))
+        for j in (i - 1, i):
+            if 0 <= j < keys.size and abs(int(keys[j]) - s) <= tol_ns:
+                out[s] = int(keys[j])
+                break
+    return out
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="vqbet bench ros", description=__doc__.splitlines()[0])
+    p.add_argument("--model", required=True, help="exported model folder with a camera (vqbet export)")
+    default_cal = REPO / "calibration" / "franka_sim.yaml"
+    p.add_argument("--calibration", default=str(default_cal) if default_cal.exists() else None,
+                   help="calibration YAML (joints, camera topic); default: calibration/franka_sim.yaml")
+    p.add_argument("--steps", type=int, default=1000, help="measured steps (after --warmup)")
+    p.add_argument("--warmup", type=int, default=30, help="steps not measured (onnxruntime and DDS warm-up)")
+    p.add_argument("--rate", type=float, default=0.0,
+                   help="camera frames per second, each one a policy step (default: the model's control_hz); keep it "
+                        "below the node's throughput, or queueing is measured instead of overhead")
+    p.add_argument("--width", type=int, default=640)
+    p.add_argument("--height", type=int, default=480)
+    p.add_argument("--encoding", default="rgb8", choices=["rgb8", "bgr8"])
+    p.add_argument("--transport", default="large_data", choices=["large_data", "default"],
+                   help="Fast DDS builtin transports: large_data (FASTDDS_BUILTIN_TRANSPORTS=LARGE_DATA) or default")
+    p.add_argument("--reliability", default="reliable", choices=["reliable", "best_effort"], help="image QoS")
+    p.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads in the node")
+    p.add_argument("--timeout", type=float, default=0.0, help="give up after this many seconds (0: 3x the planned time + 60)")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    from vqbet_core.calibration import load_calibration
+    from vqbet_core.errors import VqbetError
+    from vqbet_core.runtime import load_spec
+
+    if not args.calibration:
+        raise VqbetError("--calibration is required (no calibration/franka_sim.yaml next to this checkout)")
+    spec = load_spec(args.model)
+    calib = load_calibration(args.calibration)
+    if not spec.image_keys:
+        raise VqbetError(f"--model {args.model}: has no camera; the ROS benchmark measures image -> trajectory")
+    camera = spec.image_keys[0][len("camera_"):]
+    if camera not in calib.cameras:
+        raise VqbetError(f"--calibration {args.calibration}: has no camera '{camera}' (the model's camera)")
+    args.rate = args.rate or spec.control_hz
+    if args.steps < 1 or args.rate <= 0:
+        raise VqbetError("--steps must be >= 1 and --rate > 0")
+
+    # the environment (domain, transports) must be set before rclpy starts, here and in the node
+    env = dict(os.environ)
+    env["ROS_DOMAIN_ID"] = os.environ.get("VQBET_BENCH_DOMAIN", str(100 + random.randrange(100)))
+    env["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"
+    env.pop("ROS_LOCALHOST_ONLY", None)
+    if args.transport == "large_data":
+        env["FASTDDS_BUILTIN_TRANSPORTS"] = "LARGE_DATA"
+    else:
+        env.pop("FASTDDS_BUILTIN_TRANSPORTS", None)
+    os.environ.clear()
+    os.environ.update(env)
+
+    node_args = [sys.executable, "-m", "vqbet_ros.policy_node", "--ros-args",
+                 "-p", f"model:={args.model}", "-p", f"calibration:={args.calibration}", "-p", "trigger:=camera",
+                 "-p", f"control_hz:={args.rate}", "-p", "enabled:=true", "-p", "publish_timing:=true",
+                 "-p", "max_age:=1.0", "-p", f"image_qos.reliability:={args.reliability}",
+                 "-p", f"threads:={args.threads}", "-p", "diagnostics_period:=5.0"]
+    if spec.goal_names:
+        node_args += ["-p", f"task_sequence:=[{spec.goal_names[0]}]"]
+    log = tempfile.NamedTemporaryFile("w+", prefix="bench_ros_policy_node_", suffix=".log", delete=False)
+    proc = subprocess.Popen(node_args, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc.log_path = log.name
+    log.close()
+    try:
+        result = _measure(args, spec, calib, camera, proc)
+        os.unlink(proc.log_path)
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+    result.update({"transport": "LARGE_DATA" if args.transport == "large_data" else "default",
+                   "image_reliability": args.reliability, "node_threads": args.threads, "cpu_count": os.cpu_count(),
+                   "load_average_1min": round(os.getloadavg()[0], 2)})
+    print(json.dumps(result))
+    return 0
+
+
+def _measure(args, spec, calib, camera: str, proc) -> dict:
+    import rclpy
+    from rclpy.executors import SingleThreadedExecutor
+    from sensor_msgs.msg import Image, JointState
+    from std_msgs.msg import Float64MultiArray
+    from std_srvs.srv import SetBool
+    from trajectory_msgs.msg import JointTrajectory
+
+    from vqbet_core.errors import VqbetError
+    from vqbet_ros import ros_convert
+    from vqbet_ros.policy_node import TIMING_FIELDS
+    from vqbet_ros.qos import make_qos
+
+    context = rclpy.Context()
+    rclpy.init(context=context)
+    pub_node = rclpy.create_node("bench_ros_publisher", context=context)
+    sub_node = rclpy.create_node("bench_ros_receiver", context=context)
+    executors = [SingleThreadedExecutor(context=context) for _ in range(2)]
+    executors[0].add_node(pub_node)
+    executors[1].add_node(sub_node)
+    stop = threading.Event()
+
+    received: dict[int, float] = {}  # trajectory header stamp (ns) -> wall receive time (s)
+    timing: dict[int, dict] = {}
+
+    def on_trajectory(msg) -> None:
+        t = time.time()
+        if len(msg.points) > 1:  # not a hold
+            received[msg.header.stamp.sec * 1_000_000_000 + msg.header.stamp.nanosec] = t
+
+    def on_timing(msg) -> None:
+        row = dict(zip(TIMING_FIELDS, msg.data))
+        timing[int(round(row["stamp"] * 1e9))] = row
+
+    sub_node.create_subscription(JointTrajectory, "/arm_controller/joint_trajectory", on_trajectory, 100)
+    sub_node.create_subscription(Float64MultiArray, "/policy_node/step_timing", on_timing, 100)
+    image_pub = pub_node.create_publisher(Image, calib.cameras[camera].topic, make_qos(args.reliability, 5))
+    joint_pub = pub_node.create_publisher(JointState, "/joint_states", make_qos("reliable", 10))
+    rng = np.random.default_rng(0)
+    frames = [rng.integers(0, 255, (args.height, args.width, 3), dtype=np.uint8) for _ in range(4)]
+    mid = (calib.lower + calib.upper) / 2
+    published: list[int] = []
+    sending = threading.Event()
+
+    def on_image_timer() -> None:
+        if sending.is_set():
+            msg = ros_convert.rgb_to_image(frames[len(published) % len(frames)], 0, args.encoding)
+            stamp = time.time_ns()
+            msg.header.stamp = ros_convert.ns_to_time(stamp)
+            image_pub.publish(msg)
+            published.append(stamp)
+
+    def on_joint_timer() -> None:
+        joint_pub.publish(ros_convert.joint_state(calib.joint_names, mid, time.time_ns()))
+
+    pub_node.create_timer(1.0 / args.rate, on_image_timer)
+    pub_node.create_timer(0.01, on_joint_timer)
+    threads = [threading.Thread(target=lambda ex=ex: [ex.spin_once(timeout_sec=0.05) for _ in iter(stop.is_set, True)],
+                                daemon=True) for ex in executors]
+    for th in threads:
+        th.start()
+    try:
+        client = sub_node.create_client(SetBool, "/policy_node/enable")
+        end = time.monotonic() + 60
+        while not client.service_is_ready():
+            if proc.poll() is not None:
+                raise VqbetError(f"policy_node exited with {proc.returncode} (log: {proc.log_path})")
+            if time.monotonic() > end:
+                raise VqbetError("policy_node did not come up within 60 s")
+            time.sleep(0.1)
+        time.sleep(1.0)  # discovery of the image / trajectory endpoints
+        total = args.steps + args.warmup
+        budget = args.timeout or 3 * total / args.rate + 60
+        sending.set()
+        end = time.monotonic() + budget
+        while time.monotonic() < end and len(_match(published[args.warmup:], received)) < args.steps:
+            if proc.poll() is not None:
+                raise VqbetError(f"policy_node exited with {proc.returncode} (log: {proc.log_path})")
+            time.sleep(0.05)
+        sending.clear()
+        time.sleep(0.5)  # in-flight trajectories and timings
+    finally:
+        stop.set()
+        for th in threads:
+            th.join(5)
+        for ex in executors:
+            ex.shutdown()
+        pub_node.destroy_node()
+        sub_node.destroy_node()
+        rclpy.shutdown(context=context)
+
+    # header stamps travel as float seconds inside the node (~0.24 us resolution at today's epoch): match within 2 us
+    got = _match(published, received)
+    tim = _match(published, timing)
+    measured = [s for s in published[args.warmup:] if s in got and s in tim][: args.steps]
+    received = {s: received[got[s]] for s in measured}
+    timing = {s: timing[tim[s]] for s in measured}
+    if not measured:
+        raise VqbetError("no trajectory came back for any published image (QoS mismatch? see --reliability)")
+    e2e = np.array([(received[s] - s * 1e-9) * 1e3 for s in measured])
+    runtime = np.array([timing[s]["runtime_ms"] for s in measured])
+    node = np.array([timing[s]["node_ms"] for s in measured])
+    window = published[args.warmup: args.warmup + len(measured)]
+    return {
+        "bench": "ros", "model": str(spec.path), "image": f"{args.width}x{args.height} {args.encoding}",
+        "model_input": f"{spec.preprocess[spec.image_keys[0]].size[0]}x{spec.preprocess[spec.image_keys[0]].size[1]}",
+        "rate_hz": args.rate, "steps": int(len(measured)), "frames_without_trajectory": int(sum(s not in got for s in window)),
+        "e2e_ms": _stats(e2e), "runtime_step_ms": _stats(runtime), "ros_overhead_ms": _stats(e2e - runtime),
+        "in_node_overhead_ms": _stats(node - runtime), "transport_ms": _stats(e2e - node),
+        "runtime_stages_p50_ms": {k: round(float(np.median([timing[s][f"{k}_ms"] for s in measured])), 3)
+                                  for k in ("preprocess", "encoder", "policy", "sample_decode")},
+    }
+
+
+if __name__ == "__main__":
+    sys.exit(main())

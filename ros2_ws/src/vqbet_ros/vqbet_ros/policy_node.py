@@ -1,0 +1,623 @@
+"""policy_node: cameras + joint states -> VQ-BeT action chunks -> ``joint_trajectory_controller``.
+
+A thin ROS shell around :class:`vqbet_core.runtime.PolicyRuntime` (DESIGN.md sections 4 and 5). On a
+timer at the model's control rate (or on each frame of the first camera, ``trigger: camera``) it
+pushes the latest camera frames and joint positions into the runtime, predicts a chunk, blends it with
+the overlapping earlier ones (the controller replaces trajectories without blending), makes it safe
+(:mod:`vqbet_ros.trajectory`: joint limits, per-step velocity bound, no NaN) and publishes it as one
+``trajectory_msgs/JointTrajectory``.
+
+Safety: starts disabled (``enabled`` parameter / ``~/enable`` std_srvs/SetBool); stops commanding -
+one "hold" trajectory, then nothing - when any input is older than ``max_age`` or missing, and says
+why in the log and ``/diagnostics``; the history restarts whenever commanding (re)starts. Bad messages
+(wrong encoding or size, mismatched joint arrays, NaN) are counted, logged at a throttled rate and
+skipped; they never stop the node.
+
+Interfaces (every topic can also be remapped):
+  in   cameras of the model, topics from the calibration (Image or CompressedImage, ``image_qos.*``);
+       ``joint_states_topic`` (JointState, by name; partial messages are merged per joint);
+       ``~/goal_reached`` (std_msgs/Empty: advance ``task_sequence``)
+  out  ``trajectory_topic`` (JointTrajectory), ``/diagnostics``, ``~/step_timing`` (when ``publish_timing``)
+  srv  ``~/enable`` (std_srvs/SetBool), ``~/next_goal`` (std_srvs/Trigger: advance ``task_sequence``)
+
+Run: ``ros2 run vqbet_ros policy_node --ros-args -p model:=models/NAME -p calibration:=robot.yaml``
+or ``python -m vqbet_ros.policy_node --ros-args ...``.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import time
+from collections import deque
+
+import numpy as np
+
+from vqbet_core.errors import VqbetError
+
+# Layout of ~/step_timing (std_msgs/Float64MultiArray), one message per published trajectory.
+TIMING_FIELDS = ("stamp", "node_ms", "runtime_ms", "convert_ms", "publish_ms", "preprocess_ms", "encoder_ms",
+                 "policy_ms", "sample_decode_ms")
+LOWDIM_KEY = "robot_joint"
+
+
+class JointStateMerger:
+    """Latest position of every calibration joint, by name, merged over (possibly partial) JointStates.
+
+    Why merge: some robots publish arm and gripper joints in separate messages. A joint never seen, or
+    older than ``max_age``, makes the robot state "not ready"; extra joints are ignored. A message with
+    mismatched arrays, duplicate names or a non-finite position for a joint we use is rejected whole
+    (``ValueError`` with one line). ROS-free, so it is unit-testable.
+    """
+
+    def __init__(self, joint_names: list[str]):
+        self.joint_names = list(joint_names)
+        self.index = {n: i for i, n in enumerate(self.joint_names)}
+        self.positions = np.zeros(len(self.joint_names), np.float64)
+        self.stamps = np.full(len(self.joint_names), -np.inf)
+        self.partial = 0  # messages that carried only some of our joints
+
+    def update(self, names, positions, stamp: float) -> int:
+        """Merge one message; returns how many of our joints it carried."""
+        names = list(names)
+        pos = np.asarray(positions, np.float64).reshape(-1)
+        if len(names) != pos.size:
+            raise ValueError(f"joint state has {len(names)} names but {pos.size} positions")
+        if len(set(names)) != len(names):
+            raise ValueError("joint state has duplicate joint names")
+        ours = [(self.index[n], i) for i, n in enumerate(names) if n in self.index]
+        if not ours:
+            return 0
+        dst, src = (np.array(v) for v in zip(*ours))
+        values = pos[src]
+        if not np.all(np.isfinite(values)):
+            bad = [names[i] for i in src[~np.isfinite(values)]]
+            raise ValueError(f"joint state has non-finite positions for {bad}")
+        self.positions[dst] = values
+        self.stamps[dst] = stamp
+        if len(ours) < len(self.joint_names):
+            self.partial += 1
+        return len(ours)
+
+    def problem(self, now: float, max_age: float) -> str | None:
+        """Why the joint state is not usable now, or None."""
+        missing = [n for n, s in zip(self.joint_names, self.stamps) if not np.isfinite(s)]
+        if missing:
+            return f"no joint state yet for {missing}"
+        age = now - float(self.stamps.min())
+        if age > max_age:
+            oldest = self.joint_names[int(np.argmin(self.stamps))]
+            return f"joint states are {age:.3f} s old ({oldest}; max_age {max_age} s)"
+        return None
+
+    def age(self, now: float) -> float:
+        return now - float(self.stamps.min()) if np.all(np.isfinite(self.stamps)) else float("inf")
+
+
+class Frame:
+    """The latest message of one camera; converted to RGB once, when a step first needs it."""
+
+    __slots__ = ("msg", "stamp", "rgb")
+
+    def __init__(self, msg, stamp: float):
+        self.msg, self.stamp, self.rgb = msg, stamp, None
+
+
+def _percentile(values, q: float) -> float:
+    return float(np.percentile(np.asarray(values), q)) if len(values) else float("nan")
+
+
+def make_node_class():
+    """The rclpy node class (built lazily so ``JointStateMerger`` imports without ROS)."""
+    from rcl_interfaces.msg import ParameterDescriptor, ParameterType, SetParametersResult
+    from rclpy.event_handler import SubscriptionEventCallbacks
+    from rclpy.node import Node
+    from rclpy.qos import QoSProfile, ReliabilityPolicy
+    from sensor_msgs.msg import CompressedImage, Image, JointState
+    from std_msgs.msg import Empty, Float64MultiArray
+    from std_srvs.srv import SetBool, Trigger
+    from trajectory_msgs.msg import JointTrajectory
+
+    from vqbet_core.calibration import load_calibration
+    from vqbet_core.runtime import PolicyRuntime
+    from vqbet_ros import ros_convert
+    from vqbet_ros.diagnostics import Diagnostics
+    from vqbet_ros.qos import incompatible_qos_warning, qos_from_parameters
+    from vqbet_ros.trajectory import (SafetyLimits, UnsafeOutput, hold_trajectory, make_safe_trajectory,
+                                      to_joint_trajectory)
+
+    def check_encoding(encoding: str) -> None:
+        """Unsupported encodings are caught on arrival (cheap), so every such message is counted."""
+        if encoding not in ros_convert.ENCODING_CHANNELS and not ros_convert.has_cv_bridge():
+            raise ros_convert.MessageError(f"unsupported image encoding {encoding!r} (expected one of "
+                                           f"{', '.join(ros_convert.ENCODING_CHANNELS)}; more with cv_bridge)")
+
+    class PolicyNode(Node):
+        def __init__(self, **kwargs):
+            super().__init__("policy_node", **kwargs)
+            p = self._declare_parameters()
+            self.p = p
+            if not p["model"]:
+                raise VqbetError("parameter model is empty: give an exported model folder (written by vqbet export)")
+            if not p["calibration"]:
+                raise VqbetError("parameter calibration is empty: give the robot's calibration YAML (joint order and limits)")
+            for name, choices in (("trigger", ("timer", "camera")), ("blend", ("average", "exp", "none")),
+                                  ("stamp_source", ("header", "receive"))):
+                if p[name] not in choices:
+                    raise VqbetError(f"parameter {name} must be one of {list(choices)}, got {p[name]!r}")
+            if not p["max_age"] > 0:
+                raise VqbetError(f"parameter max_age must be > 0 seconds, got {p['max_age']}")
+            self.calibration = load_calibration(p["calibration"])
+            providers = [v for v in p["providers"] if v] or None
+            temperature = None if p["temperature"] < 0 else float(p["temperature"])
+            self.runtime = PolicyRuntime(p["model"], providers=providers, seed=int(p["seed"]), temperature=temperature,
+                                         threads=int(p["threads"]) or None)
+            spec = self.spec = self.runtime.spec
+            self._check_model()
+            calib = self.calibration
+            self.action_idx = np.array([calib.joint_names.index(n) for n in spec.joint_names])
+            try:
+                full = SafetyLimits.from_calibration(calib, p["velocity_scale"])
+            except ValueError as exc:
+                raise VqbetError(f"parameter velocity_scale / calibration limits: {exc}") from None
+            self.limits = SafetyLimits(full.lower[self.action_idx], full.upper[self.action_idx],
+                                       full.max_velocity[self.action_idx])
+            self.control_hz = float(p["control_hz"] or spec.control_hz)
+            self.period = 1.0 / self.control_hz
+            self.hold_settle = float(p["hold_settle"] or self.period)
+            self.cameras = [k[len("camera_"):] for k in spec.image_keys]
+            self.sequence = self._check_sequence(p["task_sequence"])
+            self.goal_index = 0
+
+            # state
+            self.enabled = False
+            self.commanding = False  # a trajectory of ours may be running on the controller
+            self.fresh_start = True  # next step starts a new episode (history cleared)
+            self.stop_reason = "disabled"
+            self.waiting_announced = True  # "waiting for inputs" is said once per enable / stop
+            self.sequence_done = False
+            self.last_traj = None
+            self.last_trigger_stamp = -np.inf
+            self.joints = JointStateMerger(calib.joint_names)
+            self.frames: dict[str, Frame | None] = {c: None for c in self.cameras}
+            self.good: dict[str, tuple[np.ndarray, float] | None] = {c: None for c in self.cameras}
+            self.counts = {"steps": 0, "published": 0, "holds": 0, "stops": 0, "observe_errors": 0,
+                           "rejected_outputs": 0, "late_chunks": 0, "clamped_values": 0, "rate_limited_values": 0,
+                           "dropped_past_points": 0, "internal_errors": 0}
+            self.received = {s: 0 for s in self._streams()}
+            self.bad = {s: 0 for s in self._streams()}
+            self.last_bad = ""
+            self._rate_marks = (time.monotonic(), dict(self.received))
+            self.latency_ms = deque(maxlen=500)
+            self.runtime_ms = deque(maxlen=500)
+
+            # interfaces
+            image_qos = qos_from_parameters(self, "image_qos", "best_effort", 5)
+            state_qos = qos_from_parameters(self, "state_qos", "reliable", 10)
+            for name in self.cameras:
+                cam = calib.cameras[name]
+                msg_type = CompressedImage if cam.compressed else Image
+                self._subscribe(msg_type, cam.topic, image_qos, "image_qos", self._image_callback(name, cam.compressed))
+            self._subscribe(JointState, p["joint_states_topic"], state_qos, "state_qos", self._on_joint_state)
+            self.traj_pub = self.create_publisher(JointTrajectory, p["trajectory_topic"],
+                                                  QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE))
+            self.timing_pub = self.create_publisher(Float64MultiArray, "~/step_timing", 50) if p["publish_timing"] else None
+            self.create_service(SetBool, "~/enable", self._on_enable)
+            self.create_service(Trigger, "~/next_goal", self._on_next_goal)
+            self.create_subscription(Empty, "~/goal_reached", self._on_goal_reached, 10)
+            self.diagnostics = Diagnostics(self, "policy", hardware_id=calib.robot)
+            self.add_on_set_parameters_callback(self._on_set_parameters)
+            if p["trigger"] == "timer" or not self.cameras:
+                self.create_timer(self.period, self._guard(self._on_tick))
+            else:  # camera-triggered steps, plus a slow timer so stalls are still noticed
+                self.create_timer(self.period, self._guard(self._check_stall))
+            self.create_timer(float(p["diagnostics_period"]), self._guard(self._publish_diagnostics))
+            log = self.get_logger()
+            log.info(f"model {spec.path} ({spec.kind}, {spec.obs_window} obs x {spec.action_chunk} actions, "
+                     f"{self.control_hz:g} Hz) on {self.runtime.providers}; cameras {self.cameras or 'none'}; "
+                     f"publishing {p['trajectory_topic']}")
+            if self.sequence:
+                log.info(f"task sequence {self.sequence}")
+            if p["enabled"]:
+                ok, message = self._set_enabled(True)
+                if ok:
+                    log.info(f"enabled at start: {message}")
+                else:
+                    log.error(f"cannot start enabled: {message}")
+            else:
+                log.info("disabled: call ~/enable (std_srvs/SetBool) with data: true to start commanding")
+
+        # -------------------------------------------------------------- parameters and checks
+        def _declare_parameters(self) -> dict:
+            def declare(name, default, description, array=False):
+                desc = ParameterDescriptor(description=description)
+                if array:
+                    desc.type = ParameterType.PARAMETER_STRING_ARRAY
+                return self.declare_parameter(name, default, desc).value
+
+            return {
+                "model": declare("model", "", "exported model folder (vqbet export)"),
+                "calibration": declare("calibration", "", "calibration YAML: joint order, limits, velocity bounds, cameras"),
+                "enabled": declare("enabled", False, "start enabled (default: disabled until ~/enable)"),
+                "control_hz": declare("control_hz", 0.0, "policy rate; 0 = the model's control_hz"),
+                "trigger": declare("trigger", "timer", "timer (steps at control_hz) or camera (on frames of the first camera)"),
+                "joint_states_topic": declare("joint_states_topic", "/joint_states", "measured joint states"),
+                "trajectory_topic": declare("trajectory_topic", "/arm_controller/joint_trajectory", "controller command"),
+                "stamp_source": declare("stamp_source", "header", "input ages from header stamps (0 = receive time) or receive"),
+                "max_age": declare("max_age", 0.5, "stop commanding when any input is older than this (s)"),
+                "velocity_scale": declare("velocity_scale", 1.0, "fraction of the calibration velocity bound allowed"),
+                "blend": declare("blend", "average", "overlapping chunks: average (paper), exp, none"),
+                "blend_exp_weight": declare("blend_exp_weight", 0.0, "exp blending: weight exp(-w * age in steps)"),
+                "hold_on_stop": declare("hold_on_stop", True, "on stop, send one hold trajectory (else just stop sending)"),
+                "hold_settle": declare("hold_settle", 0.0, "seconds to come to the hold point; 0 = one control period"),
+                "task_sequence": declare("task_sequence", [""], "goal names, in order (goal-conditioned models)", True),
+                "seed": declare("seed", 0, "code sampling seed"),
+                "temperature": declare("temperature", -1.0, "sampling temperature; < 0 = the model's, 0 = argmax"),
+                "providers": declare("providers", [""], "onnxruntime providers; empty = TensorRT > CUDA > CPU", True),
+                "threads": declare("threads", 0, "onnxruntime intra-op threads; 0 = onnxruntime's default"),
+                "diagnostics_period": declare("diagnostics_period", 1.0, "seconds between /diagnostics messages"),
+                "publish_timing": declare("publish_timing", False, "publish ~/step_timing (benchmarks)"),
+                "frame_id": declare("frame_id", "", "header.frame_id of the trajectories"),
+            }
+
+        def _check_model(self) -> None:
+            spec, calib = self.spec, self.calibration
+            where = f"model {spec.path}"
+            other = [k for k in spec.obs_keys if k != LOWDIM_KEY]
+            if other:
+                raise VqbetError(f"{where} needs observation keys {other}; the policy node provides {LOWDIM_KEY} and cameras")
+            if LOWDIM_KEY in spec.obs_dims and spec.obs_dims[LOWDIM_KEY] != len(calib.joint_names):
+                raise VqbetError(f"{where} expects {spec.obs_dims[LOWDIM_KEY]} joint positions but calibration "
+                                 f"{calib.path} has {len(calib.joint_names)} joints")
+            unknown = [n for n in spec.joint_names if n not in calib.joint_names]
+            if unknown:
+                raise VqbetError(f"{where} commands joints {unknown} that calibration {calib.path} does not list "
+                                 f"(it has {calib.joint_names})")
+            missing = [k for k in spec.image_keys if not k.startswith("camera_") or k[len("camera_"):] not in calib.cameras]
+            if missing:
+                raise VqbetError(f"{where} uses cameras {missing} that calibration {calib.path} does not define "
+                                 f"(it has {list(calib.cameras)})")
+
+        def _check_sequence(self, names) -> list[str]:
+            names = [str(n) for n in names if n]
+            spec = self.spec
+            if names and not spec.goal_dim:
+                raise VqbetError(f"parameter task_sequence: model {spec.name} is not goal-conditioned (leave it empty)")
+            unknown = [n for n in names if n not in spec.goal_names]
+            if unknown:
+                raise VqbetError(f"parameter task_sequence: unknown goals {unknown} (model {spec.name} knows {spec.goal_names})")
+            return names
+
+        def _on_set_parameters(self, params) -> SetParametersResult:
+            for param in params:
+                if param.name == "task_sequence":
+                    try:
+                        seq = self._check_sequence(param.value)
+                    except VqbetError as exc:
+                        return SetParametersResult(successful=False, reason=str(exc))
+                    self.sequence, self.goal_index, self.sequence_done = seq, 0, False
+                    self.fresh_start = True  # new task: new episode
+                    self.get_logger().info(f"task sequence {seq}")
+                elif param.name == "enabled":
+                    return SetParametersResult(successful=False, reason="enabled is the start state: use ~/enable")
+                elif param.name != "use_sim_time":
+                    return SetParametersResult(successful=False, reason=f"{param.name} is read at start (restart the node)")
+            return SetParametersResult(successful=True)
+
+        # -------------------------------------------------------------- inputs
+        def _streams(self) -> list[str]:
+            return [f"camera_{c}" for c in self.cameras] + ["joint_states"]
+
+        def _subscribe(self, msg_type, topic, qos, prefix, callback):
+            events = SubscriptionEventCallbacks(incompatible_qos=incompatible_qos_warning(self, topic, prefix))
+            return self.create_subscription(msg_type, topic, self._guard(callback), qos, event_callbacks=events)
+
+        def _now(self) -> float:
+            return self.get_clock().now().nanoseconds * 1e-9
+
+        def _stamp(self, msg, now: float) -> float:
+            return ros_convert.choose_stamp(msg, int(now * 1e9), self.p["stamp_source"]) * 1e-9
+
+        def _bad_message(self, stream: str, exc: Exception) -> None:
+            self.bad[stream] += 1
+            self.last_bad = f"{stream}: {exc}"
+            self.get_logger().warning(f"skipped a bad {stream} message: {exc}", throttle_duration_sec=5.0)
+
+        def _guard(self, callback):
+            """Any unexpected exception in a callback is counted and logged, never fatal."""
+
+            def wrapped(*args):
+                try:
+                    return callback(*args)
+                except Exception as exc:  # noqa: BLE001 - the node must survive anything a message causes
+                    self.counts["internal_errors"] += 1
+                    self.get_logger().error(f"{getattr(callback, '__name__', 'callback')}: {type(exc).__name__}: {exc}",
+                                            throttle_duration_sec=5.0)
+                    return None
+
+            return wrapped
+
+        def _image_callback(self, name: str, compressed: bool):
+            stream = f"camera_{name}"
+
+            def on_image(msg) -> None:
+                t_recv = time.perf_counter()
+                now = self._now()
+                self.received[stream] += 1
+                try:
+                    if not compressed:
+                        check_encoding(msg.encoding)
+                        ros_convert.check_image(msg)
+                    stamp = self._stamp(msg, now)
+                except ros_convert.MessageError as exc:
+                    self._bad_message(stream, exc)
+                    return
+                self.frames[name] = Frame(msg, stamp)
+                if self.p["trigger"] == "camera" and name == self.cameras[0]:
+                    # by frame stamps, not arrival times: a 30 Hz camera drives a 10 Hz policy with every 3rd
+                    # frame, and arrival jitter does not skip frames when both rates are equal
+                    if stamp - self.last_trigger_stamp >= 0.9 * self.period:
+                        self.last_trigger_stamp = stamp
+                        self._step(now, stamp, t_recv)
+
+            on_image.__name__ = f"on_image_{name}"
+            return on_image
+
+        def _on_joint_state(self, msg) -> None:
+            now = self._now()
+            self.received["joint_states"] += 1
+            try:
+                self.joints.update(msg.name, msg.position, self._stamp(msg, now))
+            except ValueError as exc:
+                self._bad_message("joint_states", exc)
+
+        def _frame(self, name: str, compressed: bool) -> tuple[np.ndarray, float] | None:
+            """Latest good RGB frame of a camera (converted once); a frame that fails to convert is skipped."""
+            frame = self.frames[name]
+            if frame is not None and frame.rgb is None:
+                self.frames[name] = None
+                try:
+                    rgb = (ros_convert.compressed_to_rgb(frame.msg) if compressed else ros_convert.image_to_rgb(frame.msg))
+                    self.good[name] = (rgb, frame.stamp)
+                except ros_convert.MessageError as exc:
+                    self._bad_message(f"camera_{name}", exc)
+            return self.good[name]
+
+        def _input_problem(self, now: float) -> str | None:
+            max_age = float(self.p["max_age"])
+            for name in self.cameras:
+                good = self._frame(name, self.calibration.cameras[name].compressed)
+                if good is None:
+                    return f"no image yet from camera {name} ({self.calibration.cameras[name].topic})"
+                age = now - good[1]
+                if age > max_age:
+                    return f"camera {name} is {age:.3f} s old (max_age {max_age} s)"
+            return self.joints.problem(now, max_age)
+
+        # -------------------------------------------------------------- control
+        def _on_tick(self) -> None:
+            self._step(self._now(), None, time.perf_counter())
+
+        def _check_stall(self) -> None:
+            if self.enabled:
+                now = self._now()
+                problem = self._input_problem(now)
+                if problem:
+                    self._stop(problem)
+
+        def _step(self, now: float, stamp: float | None, t_recv: float) -> None:
+            """One control step: inputs -> runtime -> safe trajectory -> publish."""
+            if not self.enabled:
+                return
+            t_conv = time.perf_counter()
+            problem = self._input_problem(now)
+            if problem:
+                self._stop(problem)
+                return
+            images = {f"camera_{c}": self.good[c][0] for c in self.cameras}
+            convert_ms = (time.perf_counter() - t_conv) * 1e3
+            if self.fresh_start:
+                self._reset_episode()
+            obs_stamp = now if stamp is None else stamp
+            self.counts["steps"] += 1
+            q = self.joints.positions.copy()
+            t_rt = time.perf_counter()
+            try:
+                self.runtime.observe({LOWDIM_KEY: q} if LOWDIM_KEY in self.spec.obs_keys else {}, images, obs_stamp)
+            except VqbetError as exc:  # e.g. a frame the calibration's crop does not fit
+                self.counts["observe_errors"] += 1
+                self.get_logger().warning(f"step skipped, observation rejected: {exc}", throttle_duration_sec=5.0)
+                return
+            try:
+                if self.p["blend"] == "none":
+                    chunk = self.runtime.predict()
+                else:
+                    chunk = self.runtime.predict_blended(mode=self.p["blend"], exp_weight=float(self.p["blend_exp_weight"]))
+            except VqbetError as exc:  # the runtime refuses non-finite actions
+                self.counts["rejected_outputs"] += 1
+                self.get_logger().warning(f"step skipped, prediction rejected: {exc}", throttle_duration_sec=5.0)
+                return
+            runtime_ms = (time.perf_counter() - t_rt) * 1e3
+            t_pub = time.perf_counter()
+            try:
+                traj = make_safe_trajectory(chunk.actions, chunk.times, chunk.stamp, q[self.action_idx], self._now(),
+                                            self.limits, lead=chunk.period)
+            except UnsafeOutput as exc:
+                kind = "late_chunks" if "in the past" in str(exc) else "rejected_outputs"
+                self.counts[kind] += 1
+                self.get_logger().warning(f"chunk not sent: {exc}", throttle_duration_sec=5.0)
+                return
+            self.traj_pub.publish(to_joint_trajectory(traj, self.spec.joint_names, self.p["frame_id"]))
+            done = time.perf_counter()
+            self.last_traj, self.commanding, self.stop_reason = traj, True, ""
+            self.counts["published"] += 1
+            self.counts["clamped_values"] += traj.clamped
+            self.counts["rate_limited_values"] += traj.rate_limited
+            self.counts["dropped_past_points"] += traj.dropped_past
+            node_ms = (done - t_recv) * 1e3
+            self.latency_ms.append(node_ms)
+            self.runtime_ms.append(runtime_ms)
+            if self.timing_pub is not None:
+                tm = chunk.timings
+                self.timing_pub.publish(Float64MultiArray(data=[
+                    float(obs_stamp), node_ms, runtime_ms, convert_ms, (done - t_pub) * 1e3, tm.get("preprocess", 0.0),
+                    tm.get("encoder", 0.0), tm.get("policy", 0.0), tm.get("sample_decode", 0.0)]))
+
+        def _reset_episode(self) -> None:
+            goal = self.sequence[self.goal_index] if self.sequence else None
+            self.runtime.reset(goal=goal)
+            self.fresh_start = False
+            self.get_logger().info(f"new episode: history cleared{f', goal {goal}' if goal else ''}")
+
+        def _stop(self, reason: str) -> None:
+            """Stop commanding: one hold trajectory (where the last one is now), then nothing until restarted."""
+            if self.commanding:
+                self.counts["stops"] += 1
+                self.get_logger().warning(f"stopped commanding: {reason}")
+                if self.p["hold_on_stop"] and self.last_traj is not None:
+                    now = self._now()
+                    hold = hold_trajectory(self.last_traj.sample(now), now, self.hold_settle, self.limits)
+                    self.traj_pub.publish(to_joint_trajectory(hold, self.spec.joint_names, self.p["frame_id"]))
+                    self.counts["holds"] += 1
+                self.commanding = False
+                self.waiting_announced = True  # the stop itself said why
+            elif self.enabled and not self.waiting_announced:
+                self.get_logger().warning(f"enabled, waiting for inputs: {reason}")
+                self.waiting_announced = True
+            self.stop_reason = reason
+            self.fresh_start = True
+
+        def _set_enabled(self, enable: bool) -> tuple[bool, str]:
+            if not enable:
+                was = self.enabled
+                self.enabled = False
+                self._stop("disabled")
+                return True, "disabled" if was else "already disabled"
+            if self.sequence_done:
+                return False, "task sequence complete: set the task_sequence parameter to start again"
+            if self.spec.goal_dim and not self.sequence:
+                return False, (f"model {self.spec.name} is goal-conditioned: set the task_sequence parameter first "
+                               f"(goals: {self.spec.goal_names})")
+            if self.enabled:
+                return True, "already enabled"
+            self.enabled, self.fresh_start, self.waiting_announced = True, True, False
+            goal = f", goal {self.sequence[self.goal_index]}" if self.sequence else ""
+            return True, f"enabled{goal}: history restarts at the next step"
+
+        def _on_enable(self, request, response):
+            try:
+                response.success, response.message = self._set_enabled(bool(request.data))
+            except Exception as exc:  # noqa: BLE001 - a service call must always get an answer
+                self.counts["internal_errors"] += 1
+                response.success, response.message = False, f"{type(exc).__name__}: {exc}"
+            if response.success:
+                self.get_logger().info(f"~/enable: {response.message}")
+            else:
+                self.get_logger().warning(f"~/enable refused: {response.message}")
+            return response
+
+        def _advance_goal(self) -> tuple[bool, str]:
+            if not self.sequence:
+                return False, "no task_sequence set"
+            if self.sequence_done:
+                return False, "task sequence already complete"
+            self.goal_index += 1
+            if self.goal_index >= len(self.sequence):
+                self.goal_index = len(self.sequence) - 1
+                self.sequence_done = True
+                self.enabled = False
+                self._stop("task sequence complete")
+                return True, "task sequence complete: disabled"
+            goal = self.sequence[self.goal_index]
+            self.runtime.set_goal(goal)  # same episode, history kept
+            return True, f"goal {self.goal_index + 1}/{len(self.sequence)}: {goal}"
+
+        def _on_next_goal(self, request, response):
+            try:
+                response.success, response.message = self._advance_goal()
+            except Exception as exc:  # noqa: BLE001
+                self.counts["internal_errors"] += 1
+                response.success, response.message = False, f"{type(exc).__name__}: {exc}"
+            self.get_logger().info(f"~/next_goal: {response.message}")
+            return response
+
+        def _on_goal_reached(self, msg) -> None:
+            ok, message = self._advance_goal()
+            self.get_logger().info(f"~/goal_reached: {message}")
+
+        # -------------------------------------------------------------- diagnostics
+        def _publish_diagnostics(self) -> None:
+            now, mono = self._now(), time.monotonic()
+            t0, before = self._rate_marks
+            dt = max(mono - t0, 1e-6)
+            self._rate_marks = (mono, dict(self.received))
+            values = {"enabled": self.enabled, "commanding": self.commanding, "state": self.stop_reason or "commanding",
+                      "goal": self.sequence[self.goal_index] if self.sequence else "",
+                      "goal_index": self.goal_index, "task_sequence": ",".join(self.sequence),
+                      "control_hz": self.control_hz, "providers": ",".join(self.runtime.providers)}
+            for s in self._streams():
+                values[f"rate_{s}_hz"] = f"{(self.received[s] - before[s]) / dt:.2f}"
+                values[f"bad_{s}"] = self.bad[s]
+            for name in self.cameras:
+                good = self.good[name]
+                values[f"age_camera_{name}_s"] = f"{now - good[1]:.3f}" if good else "inf"
+            values["age_joint_states_s"] = f"{self.joints.age(now):.3f}"
+            values["partial_joint_states"] = self.joints.partial
+            values.update(self.counts)
+            values["latency_p50_ms"] = f"{_percentile(self.latency_ms, 50):.2f}"
+            values["latency_p99_ms"] = f"{_percentile(self.latency_ms, 99):.2f}"
+            values["runtime_p50_ms"] = f"{_percentile(self.runtime_ms, 50):.2f}"
+            values["runtime_p99_ms"] = f"{_percentile(self.runtime_ms, 99):.2f}"
+            values["last_bad_message"] = self.last_bad
+            if not self.enabled:
+                level, message = "ok", "disabled" if not self.sequence_done else "task sequence complete"
+            elif self.commanding:
+                level, message = "ok", "commanding"
+            else:
+                level, message = "warn", f"not commanding: {self.stop_reason}"
+            self.diagnostics.publish(level, message, values)
+
+        def finish(self) -> None:
+            """On shutdown: leave the arm holding, not finishing a chunk nobody supervises."""
+            if self.commanding:
+                try:
+                    self._stop("node shutting down")
+                except Exception:  # noqa: BLE001 - context may already be gone
+                    pass
+
+    return PolicyNode
+
+
+def main(args=None) -> int:
+    import rclpy
+    from rclpy.executors import ExternalShutdownException
+    from rclpy.signals import SignalHandlerOptions
+
+    # own SIGINT/SIGTERM handling, so the node can still publish its hold trajectory on the way out
+    rclpy.init(args=args, signal_handler_options=SignalHandlerOptions.NO)
+
+    def _terminate(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGINT, _terminate)
+    node, code = None, 0
+    try:
+        node = make_node_class()()
+        rclpy.spin(node)
+    except (KeyboardInterrupt, ExternalShutdownException):
+        pass
+    except VqbetError as exc:
+        print(f"policy_node: error: {exc}", file=sys.stderr)
+        code = 2
+    finally:
+        if node is not None:
+            node.finish()
+            node.destroy_node()
+        if rclpy.ok():
+            rclpy.shutdown()
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
