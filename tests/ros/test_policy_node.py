@@ -41,9 +41,11 @@ VELOCITY_SCALE = 0.1
 
 
 # ---------------------------------------------------------------------- the model
-def _calibration(path: Path, joint1=None) -> Path:
+def _calibration(path: Path, joint1=None, compressed_topic=None) -> Path:
     raw = yaml.safe_load((REPO / "calibration/franka_sim.yaml").read_text())
     raw["cameras"]["front"]["size"] = [32, 24]
+    if compressed_topic:
+        raw["cameras"]["front"].update(topic=compressed_topic, compressed=True)
     if joint1 is not None:
         raw["joint_limits"]["lower"][0], raw["joint_limits"]["upper"][0] = joint1
     path.write_text(yaml.safe_dump(raw))
@@ -450,3 +452,87 @@ def test_bad_model_folder_is_one_line_and_exit_2(tmp_path):
     assert proc.returncode == 2
     lines = [line for line in proc.stderr.splitlines() if "error" in line]
     assert len(lines) == 1 and "model folder not found" in lines[0], proc.stderr
+
+
+def test_compressed_camera_trigger_mode_enabled_at_start_and_hold_on_sigint(tiny_model, tmp_path):
+    """CompressedImage input, a step per frame stamped with the frame's stamp, enabled:=true, hold at shutdown."""
+    import rclpy
+    from rclpy.executors import SingleThreadedExecutor
+    from sensor_msgs.msg import CompressedImage, JointState
+    from trajectory_msgs.msg import JointTrajectory
+
+    from vqbet_ros import ros_convert
+
+    cal_path = _calibration(tmp_path / "cal.yaml", compressed_topic="/cam/front/compressed")
+    cal = load_calibration(cal_path)
+    env = ros_env()
+    log_path = tmp_path / "node.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "vqbet_ros.policy_node", "--ros-args", "-p", f"model:={tiny_model}",
+                                 "-p", f"calibration:={cal_path}", "-p", "enabled:=true", "-p", "trigger:=camera",
+                                 "-p", "task_sequence:=[microwave]", "-p", "threads:=1", "-p", "diagnostics_period:=0.3"],
+                                env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    context = rclpy.Context()
+    rclpy.init(context=context, domain_id=int(env["ROS_DOMAIN_ID"]))
+    node = rclpy.create_node("compressed_peer", context=context)
+    executor = SingleThreadedExecutor(context=context)
+    executor.add_node(node)
+    try:
+        got, diags = [], []
+        node.create_subscription(JointTrajectory, "/arm_controller/joint_trajectory", got.append, 50)
+        from diagnostic_msgs.msg import DiagnosticArray
+
+        node.create_subscription(DiagnosticArray, "/diagnostics",
+                                 lambda m: diags.extend({kv.key: kv.value for kv in s.values} for s in m.status), 50)
+        img_pub = node.create_publisher(CompressedImage, "/cam/front/compressed", 10)
+        js_pub = node.create_publisher(JointState, "/joint_states", 10)
+        mid = (cal.lower + cal.upper) / 2
+        rgb = np.random.default_rng(2).integers(0, 255, (IMAGE_H, IMAGE_W, 3), dtype=np.uint8)
+        sent, bad = [], 0
+
+        def frame(garbage=False):
+            stamp = node.get_clock().now().nanoseconds
+            msg = ros_convert.rgb_to_compressed(rgb, stamp, "jpeg")
+            if garbage:
+                msg.data = b"not a jpeg"
+            else:
+                sent.append(stamp)
+            img_pub.publish(msg)
+            return int(garbage)
+
+        def spin(seconds):
+            end = time.monotonic() + seconds
+            while time.monotonic() < end:
+                executor.spin_once(timeout_sec=0.01)
+
+        node.create_timer(0.01, lambda: js_pub.publish(ros_convert.joint_state(cal.joint_names, mid,
+                                                                                node.get_clock().now().nanoseconds)))
+        end = time.monotonic() + 60
+        while not got and time.monotonic() < end and proc.poll() is None:
+            frame()
+            spin(0.1)
+        assert got, f"no trajectory: {log_path.read_text()[-2000:]}"
+        got.clear()
+        sent.clear()
+        for i in range(25):  # one frame per control period: each one is a step
+            bad += frame(garbage=i % 7 == 6)
+            spin(0.1)
+        end = time.monotonic() + 3
+        while time.monotonic() < end and not (diags and int(diags[-1]["bad_camera_front"]) >= bad):
+            spin(0.1)
+        stamps = {m.header.stamp.sec * 1_000_000_000 + m.header.stamp.nanosec for m in got if len(m.points) > 1}
+        matched = [s for s in sent if any(abs(s - t) <= 2000 for t in stamps)]
+        assert len(matched) >= len(sent) - 2, f"{len(matched)} of {len(sent)} frames answered with their own stamp"
+        assert diags and int(diags[-1]["bad_camera_front"]) == bad and bad >= 3
+        n_before = len(got)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(15) == 0
+        spin(0.5)
+        assert len(got) > n_before and is_hold(got[-1]), "no hold trajectory at shutdown while commanding"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+        executor.shutdown()
+        node.destroy_node()
+        rclpy.shutdown(context=context)
