@@ -353,6 +353,37 @@ def test_vqbet_phase2_overfits_small_multimodal_set(offset_codes):
     assert (chunk - actions[:, -1]).abs().mean() < 0.2
 
 
+def test_offsets_on_sampled_codes_average_ambiguous_modes_true_codes_keep_them():
+    """One observation, four modes: the offset head trained on *sampled* codes (the official loss) learns
+    to pull every code towards the middle of the modes; trained on the *true* codes it keeps them."""
+    spread = {}
+    for offset_codes in ("sampled", "true"):
+        torch.manual_seed(0)
+        gen = torch.Generator().manual_seed(0)
+        policy = build_policy(tiny_cfg(policy="vqbet", vq={"n_codes": 4}, loss={"offset_codes": offset_codes}), OBS, ACT)
+        _, actions = multimodal_batch(128, gen)
+        obs = torch.zeros(128, WINDOW, OBS)
+        policy.train()
+        opt = torch.optim.Adam(policy.tokenizer_parameters(), 1e-3)
+        for _ in range(80):
+            loss, _ = policy.tokenizer_loss(multimodal_batch(128, gen)[1][:, 0])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        policy.freeze_tokenizer()
+        opt = torch.optim.AdamW(policy.policy_parameters(), 1e-3)
+        for _ in range(60):
+            loss, _ = policy.policy_loss(obs, None, actions)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        chunks = policy.eval().predict(obs, None, temperature=1.0, generator=torch.Generator().manual_seed(0))
+        to_modes = torch.cdist(chunks.reshape(-1, ACT), MODES)
+        spread[offset_codes] = (float(to_modes.min(1).values.mean()), len(torch.unique(to_modes.argmin(1))))
+    assert spread["true"][0] < 0.1 and spread["true"][1] == 4
+    assert spread["sampled"][0] > 0.5
+
+
 # ---------------------------------------------------------------- bad input
 def test_bad_config_and_inputs_raise_one_line_errors():
     with pytest.raises(VqbetError, match="policy"):
