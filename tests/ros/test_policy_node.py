@@ -382,7 +382,7 @@ def test_enabled_trajectories_are_whole_safe_chunks(run):
         t = np.concatenate([[0.0], tfs])
         assert np.all(np.abs(np.diff(p, axis=0)) <= vmax * np.diff(t)[:, None] + 1e-9)
         assert np.all(np.abs(vel) <= vmax + 1e-9) and np.all(vel[-1] == 0)
-    assert sum(len(msg.points) == 4 for msg in got) >= len(got) - 1  # nothing dropped as late, on a quiet machine
+    assert sum(len(msg.points) == 4 for msg in got) >= 0.8 * len(got)  # points are dropped only when a step is late
     gaps = np.diff(stamps)
     assert np.all(gaps > 0) and np.median(gaps) == pytest.approx(PERIOD, abs=0.02)
     diag = run["diag_end"]
@@ -412,6 +412,8 @@ def test_camera_stall_stops_commands_within_one_period_plus_max_age(run):
     assert all(t < holds[0] for t in regular)  # the hold is the last word
     diag = run["diag_stalled"]
     assert diag["commanding"] == "False" and "camera front" in diag["state"] and diag["_level"] == 1
+    assert int(diag["skipped_steps"]) >= 5 and int(diag["stops"]) == 1 and int(diag["holds"]) == 1
+    assert float(diag["age_camera_front_s"]) > MAX_AGE and float(diag["rate_camera_front_hz"]) == 0.0
     # camera back: commanding resumes, with a fresh history
     resumed = [msg for _, msg in between(peer, m["resume"], m["next_goal"]) if not is_hold(msg)]
     assert len(resumed) >= 5

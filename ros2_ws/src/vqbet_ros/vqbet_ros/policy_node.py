@@ -17,7 +17,8 @@ Interfaces (every topic can also be remapped):
   in   cameras of the model, topics from the calibration (Image or CompressedImage, ``image_qos.*``);
        ``joint_states_topic`` (JointState, by name; partial messages are merged per joint);
        ``~/goal_reached`` (std_msgs/Empty: advance ``task_sequence``)
-  out  ``trajectory_topic`` (JointTrajectory), ``/diagnostics``, ``~/step_timing`` (when ``publish_timing``)
+  out  ``trajectory_topic`` (JointTrajectory), ``/diagnostics`` (enabled state, input rates and ages, bad-message
+       counts, skipped steps, stops, clamping, inference latency p50/p99), ``~/step_timing`` (when ``publish_timing``)
   srv  ``~/enable`` (std_srvs/SetBool), ``~/next_goal`` (std_srvs/Trigger: advance ``task_sequence``)
 
 Run: ``ros2 run vqbet_ros policy_node --ros-args -p model:=models/NAME -p calibration:=robot.yaml``
@@ -183,7 +184,7 @@ def make_node_class():
             self.good: dict[str, tuple[np.ndarray, float] | None] = {c: None for c in self.cameras}
             self.counts = {"steps": 0, "published": 0, "holds": 0, "stops": 0, "observe_errors": 0,
                            "rejected_outputs": 0, "late_chunks": 0, "clamped_values": 0, "rate_limited_values": 0,
-                           "dropped_past_points": 0, "internal_errors": 0}
+                           "dropped_past_points": 0, "skipped_steps": 0, "internal_errors": 0}
             self.received = {s: 0 for s in self._streams()}
             self.bad = {s: 0 for s in self._streams()}
             self.last_bad = ""
@@ -407,13 +408,15 @@ def make_node_class():
 
         def _step(self, now: float, stamp: float | None, t_recv: float) -> None:
             """One control step: inputs -> runtime -> safe trajectory -> publish."""
-            if not self.enabled:
-                return
+            if self.enabled and not self._try_step(now, stamp, t_recv):
+                self.counts["skipped_steps"] += 1  # a control period without a new command, whatever the reason
+
+        def _try_step(self, now: float, stamp: float | None, t_recv: float) -> bool:
             t_conv = time.perf_counter()
             problem = self._input_problem(now)
             if problem:
                 self._stop(problem)
-                return
+                return False
             images = {f"camera_{c}": self.good[c][0] for c in self.cameras}
             convert_ms = (time.perf_counter() - t_conv) * 1e3
             if self.fresh_start:
@@ -427,7 +430,7 @@ def make_node_class():
             except VqbetError as exc:  # e.g. a frame the calibration's crop does not fit
                 self.counts["observe_errors"] += 1
                 self.get_logger().warning(f"step skipped, observation rejected: {exc}", throttle_duration_sec=5.0)
-                return
+                return False
             try:
                 if self.p["blend"] == "none":
                     chunk = self.runtime.predict()
@@ -436,7 +439,7 @@ def make_node_class():
             except VqbetError as exc:  # the runtime refuses non-finite actions
                 self.counts["rejected_outputs"] += 1
                 self.get_logger().warning(f"step skipped, prediction rejected: {exc}", throttle_duration_sec=5.0)
-                return
+                return False
             runtime_ms = (time.perf_counter() - t_rt) * 1e3
             t_pub = time.perf_counter()
             try:
@@ -446,7 +449,7 @@ def make_node_class():
                 kind = "late_chunks" if "in the past" in str(exc) else "rejected_outputs"
                 self.counts[kind] += 1
                 self.get_logger().warning(f"chunk not sent: {exc}", throttle_duration_sec=5.0)
-                return
+                return False
             self.traj_pub.publish(to_joint_trajectory(traj, self.spec.joint_names, self.p["frame_id"]))
             done = time.perf_counter()
             self.last_traj, self.commanding, self.stop_reason = traj, True, ""
@@ -462,6 +465,7 @@ def make_node_class():
                 self.timing_pub.publish(Float64MultiArray(data=[
                     float(obs_stamp), node_ms, runtime_ms, convert_ms, (done - t_pub) * 1e3, tm.get("preprocess", 0.0),
                     tm.get("encoder", 0.0), tm.get("policy", 0.0), tm.get("sample_decode", 0.0)]))
+            return True
 
         def _reset_episode(self) -> None:
             goal = self.sequence[self.goal_index] if self.sequence else None

@@ -119,10 +119,8 @@ def spline_velocities(positions: np.ndarray, times: np.ndarray, start: np.ndarra
     p = np.vstack([np.asarray(start, np.float64)[None], positions])
     t = np.concatenate([[float(start_time)], np.asarray(times, np.float64)])
     v = np.zeros_like(positions, dtype=np.float64)
-    for k in range(positions.shape[0] - 1):  # point k sits at index k+1 of p
-        dt = t[k + 2] - t[k]
-        if dt > 0:
-            v[k] = (p[k + 2] - p[k]) / dt
+    dt = t[2:] - t[:-2]  # point k sits at index k+1 of p; its neighbours are k and k+2
+    v[:-1] = (p[2:] - p[:-2]) / np.where(dt > 0, dt, np.inf)[:, None]
     return np.clip(v, -max_velocity, max_velocity)
 
 
