@@ -117,18 +117,22 @@ class VQBeTPolicy(Policy):
         return torch.cat(parts, dim=1)
 
     @torch.no_grad()
-    def _choose(self, feats: torch.Tensor, sample: bool) -> torch.Tensor:
-        """Codes ``(N, L)`` chosen by the policy itself: sampled (temperature 1) or argmax, primary first."""
-        def pick(logits):
-            return torch.multinomial(torch.softmax(logits, -1), 1).squeeze(-1) if sample else logits.argmax(-1)
+    def _choose(self, feats: torch.Tensor, logits: torch.Tensor, sample: bool) -> torch.Tensor:
+        """Codes ``(N, L)`` the policy itself picks (temperature-1 samples or argmax) from ``logits (N, L, C)``.
 
-        if not self.sequential:
-            return pick(self.code_head(feats).reshape(-1, self.n_codes))\
-                .reshape(feats.shape[0], self.n_layers)
-        primary = pick(self.primary_head(feats))
-        logits = self._layer_logits(feats, primary)
-        rest = pick(logits[:, 1:].reshape(-1, self.n_codes)).reshape(feats.shape[0], self.n_layers - 1)
-        return torch.cat([primary.unsqueeze(1), rest], dim=1)
+        When sequential, ``logits[:, 1]`` were computed for some other primary (teacher forcing), so the
+        secondary is re-predicted given the primary just picked; the other layers reuse ``logits``.
+        """
+        def pick(rows):
+            flat = rows.reshape(-1, self.n_codes)
+            out = torch.multinomial(torch.softmax(flat, -1), 1).squeeze(-1) if sample else flat.argmax(-1)
+            return out.reshape(rows.shape[:-1])
+
+        codes = pick(logits.detach())
+        if self.sequential:
+            onehot = F.one_hot(codes[:, 0], self.n_codes).to(feats.dtype)
+            codes[:, 1] = pick(self.secondary_head(torch.cat([feats.detach(), onehot], dim=-1)))
+        return codes
 
     def _offsets(self, feats: torch.Tensor) -> torch.Tensor:
         return self.offset_head(feats).reshape(feats.shape[0], self.n_layers, self.n_codes, self.chunk_dim)
@@ -177,11 +181,11 @@ class VQBeTPolicy(Policy):
         secondary_loss = (focal_loss(logits[:, 1:].reshape(-1, self.n_codes), true[:, 1:].reshape(-1), gamma)
                           if self.n_layers > 1 else torch.zeros((), device=feats.device))
         offsets = self._offsets(feats)
-        codes = true if self.offset_codes == "true" else self._choose(feats, sample=True)
+        codes = true if self.offset_codes == "true" else self._choose(feats, logits, sample=True)
         offset_loss = F.l1_loss(self._decode(offsets, codes), chunks)
         loss = float(w["primary"]) * primary_loss + float(w["secondary"]) * secondary_loss + float(w["offset"]) * offset_loss
         with torch.no_grad():
-            best = self._choose(feats, sample=False)
+            best = self._choose(feats, logits, sample=False)
             metrics = {
                 "primary_loss": primary_loss.detach(), "secondary_loss": secondary_loss.detach(),
                 "offset_loss": offset_loss.detach(),
