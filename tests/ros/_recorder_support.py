@@ -81,7 +81,7 @@ class Procs:
 
 def fake_streams_args(log: Path, joint_hz: float = 200, extra: list[str] = ()) -> list[str]:
     args = ["-m", "vqbet_ros.fake_streams", "--joints", ",".join(JOINTS), "--joint-hz", str(joint_hz),
-            "--shuffle", "--log", str(log)]
+            "--shuffle", "--log", str(log), "--depth", "2000"]  # deep history: a stalled reader loses nothing
     for name, (topic, enc, w, h) in CAMERAS.items():
         args += ["--camera", f"{name}:{topic}:{enc}:{w}x{h}"]
     return args + list(extra)
@@ -130,7 +130,8 @@ class Client:
         self.node.create_subscription(DiagnosticArray, "/diagnostics", self.diagnostics.append, 10)
         self.task_pub = self.node.create_publisher(String, f"{recorder}/task", 10)
         for topic, msg_type in (raw_topics or {}).items():
-            qos = events_qos if topic.endswith("episode_events") else 100
+            # a loaded test machine can stall this process for a second: keep enough history
+            qos = events_qos if topic.endswith("episode_events") else 2000
             self.node.create_subscription(msg_type, topic, self._raw_callback(topic), qos, raw=True)
 
     def _raw_callback(self, topic):
@@ -201,28 +202,6 @@ def tick_ns(timestamps: np.ndarray, control_hz: float) -> np.ndarray:
     return np.round(np.asarray(timestamps, dtype=np.float64) * (1e9 / period)).astype(np.int64) * period
 
 
-def expected_episode(pub: dict, timestamps: np.ndarray, preprocess: dict, control_hz: float = 20.0) -> dict[str, np.ndarray]:
-    """What the recorder must have stored at these tick times: the latest good message of each stream."""
-    from vqbet_ros.fake_streams import command_values, frame, joint_values
-
-    ticks = tick_ns(timestamps, control_hz)
-    out: dict[str, list] = {}
-    for stream in pub:
-        seqs, stamps = pub[stream]
-        idx = np.searchsorted(stamps, ticks, side="right") - 1
-        assert np.all(idx >= 0), f"{stream}: a tick before the first published message"
-        chosen = seqs[idx]
-        if stream == "robot_joint":
-            out[stream] = np.stack([joint_values(int(k), len(JOINTS)) for k in chosen])
-        elif stream == "action":
-            out[stream] = np.stack([command_values(int(k), len(JOINTS)) for k in chosen])
-        else:
-            name = stream[len("camera_"):]
-            _, _, w, h = CAMERAS[name]
-            out[stream] = np.stack([preprocess[name].crop_resize(frame(int(k), w, h)) for k in chosen])
-    return out
-
-
 def get_parameters(client: Client, node: str, names: list[str], timeout: float = 10.0) -> dict:
     """Read parameters of a running node through its get_parameters service."""
     from rcl_interfaces.srv import GetParameters
@@ -258,3 +237,49 @@ def write_bag(path: Path, raw: list[tuple[str, int, bytes]], types: dict, storag
         for topic, stamp, data in sorted(raw, key=lambda r: r[1]):
             writer.write(conns[topic], stamp, data)
     return path
+
+
+def _value(stream: str, seq: int, preprocess: dict) -> np.ndarray:
+    from vqbet_ros.fake_streams import command_values, frame, joint_values
+
+    if stream == "robot_joint":
+        return joint_values(seq, len(JOINTS))
+    if stream == "action":
+        return command_values(seq, len(JOINTS))
+    name = stream[len("camera_"):]
+    _, _, w, h = CAMERAS[name]
+    return preprocess[name].crop_resize(frame(seq, w, h))
+
+
+def check_episode(pub: dict, episode: dict, preprocess: dict, control_hz: float, max_age: float,
+                  exact: bool, where: str = "") -> None:
+    """Every stored row is a good published message at most ``max_age`` old at its tick, in publish order;
+    ``exact``: it is the latest one published at or before the tick (no message arrived too late)."""
+    ticks = tick_ns(episode["timestamp"], control_hz)
+    age = int(round(max_age * 1e9))
+    for stream, (seqs, stamps) in pub.items():
+        chosen = []
+        for row, tick in enumerate(ticks):
+            hi = int(np.searchsorted(stamps, tick, side="right"))
+            lo = int(np.searchsorted(stamps, tick - age, side="left"))
+            candidates = range(hi - 1, lo - 1, -1) if not exact else [hi - 1]
+            got = episode[stream][row]
+            match = next((int(seqs[j]) for j in candidates if j >= 0 and np.array_equal(got, _value(stream, int(seqs[j]), preprocess))), None)
+            assert match is not None, (f"{where} {stream} row {row}: not the {'latest' if exact else 'a'} "
+                                       f"message published within {max_age} s before the tick")
+            chosen.append(match)
+        assert np.all(np.diff(chosen) >= 0), f"{where} {stream}: messages out of order {chosen}"
+
+
+def set_parameters(client: Client, node: str, values: dict, timeout: float = 10.0) -> None:
+    from rcl_interfaces.srv import SetParameters
+    from rclpy.parameter import Parameter
+
+    cli = client.node.create_client(SetParameters, f"{node}/set_parameters")
+    assert cli.wait_for_service(timeout_sec=timeout), f"{node}/set_parameters not available"
+    req = SetParameters.Request(parameters=[Parameter(k, value=v).to_parameter_msg() for k, v in values.items()])
+    future = cli.call_async(req)
+    end = time.monotonic() + timeout
+    while not future.done() and time.monotonic() < end:
+        client.executor.spin_once(timeout_sec=0.05)
+    assert future.done() and all(r.successful for r in future.result().results), f"set_parameters {values} failed"

@@ -21,8 +21,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "or the recorder's ~/episode_events JSON); default: one episode per bag")
     parser.add_argument("--control-hz", type=float, default=None, help="sampling rate (default: the calibration's)")
     parser.add_argument("--max-age", type=float, default=0.1, help="drop a tick when a stream's latest message is older (s)")
-    parser.add_argument("--delay", type=float, default=0.05,
-                        help="sample a tick only once the clock is this far past it, as the recorder does (s)")
+    parser.add_argument("--max-wait", type=float, default=0.5,
+                        help="longest a tick waits for a quiet stream's next message, as the recorder does (s)")
     parser.add_argument("--stamp", choices=("header", "receive"), default="header",
                         help="sample messages by header stamp (zero stamps fall back to log time) or by log time")
     parser.add_argument("--no-preprocess", action="store_true", help="store full camera frames (no crop/resize)")
@@ -45,7 +45,7 @@ def run(args) -> int:
     calibration = load_calibration(args.calibration)
     options = BagOptions(
         joint_states_topic=args.joint_states, command_topic=args.command_topic, camera_topics=cameras,
-        episode_topic=args.episode_topic, control_hz=args.control_hz, max_age=args.max_age, delay=args.delay,
+        episode_topic=args.episode_topic, control_hz=args.control_hz, max_age=args.max_age, max_wait=args.max_wait,
         stamp_source=args.stamp, preprocess=not args.no_preprocess, task=args.task,
         min_free_mb=args.min_free_mb, stop_free_mb=min(256.0, args.min_free_mb),
     )

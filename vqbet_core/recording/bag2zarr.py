@@ -9,8 +9,8 @@ Episodes: one per bag (ticks from the first to the last message), or split by a 
 ``std_msgs/String`` messages (``--episode-topic``). A marker is ``start [task label]``, ``end`` or
 ``discard``, or the JSON the recorder node publishes on ``~/episode_events``
 (``{"event": "start", "stamp_ns": ..., "task": ...}``): recording that topic in the bag reproduces the
-recorder's episodes exactly. As live, an episode covers ticks from its start up to ``end - delay``;
-a start without an end before the bag ends is not converted (live, it was never committed either).
+recorder's episodes exactly. As live, an episode covers the ticks from its start to its end marker; a
+start without an end before the bag ends is not converted (live, it was never committed either).
 
 Each episode's source (``<bag path>#<k>``) is kept in ``.zattrs`` ``episode_sources``; converting a bag
 again skips the episodes already in the dataset, so a run interrupted by a corrupt bag can be repeated.
@@ -61,7 +61,7 @@ class BagOptions:
     episode_topic: str | None = None
     control_hz: float | None = None  # default: the calibration's
     max_age: float = 0.1
-    delay: float = 0.05
+    max_wait: float = 0.5
     stamp_source: str = "header"  # header | receive (= bag log time)
     preprocess: bool = True
     task: str = ""
@@ -69,7 +69,7 @@ class BagOptions:
     stop_free_mb: float = 256.0
 
     def settings(self) -> dict:
-        return {"max_age": self.max_age, "delay": self.delay, "stamp_source": self.stamp_source,
+        return {"max_age": self.max_age, "max_wait": self.max_wait, "stamp_source": self.stamp_source,
                 "preprocess_images": self.preprocess}
 
 
@@ -156,7 +156,7 @@ class _BagSession:
         self.mapper = JointMapper(calibration.joint_names)
         self.cam_names = list(cams)
         hz = options.control_hz or calibration.control_hz
-        self.sampler = StreamSampler(stream_keys(self.cam_names), hz, options.max_age, options.delay)
+        self.sampler = StreamSampler(stream_keys(self.cam_names), hz, options.max_age, options.max_wait)
         self.preprocess = {n: (calibration.cameras[n].preprocess if options.preprocess and n in calibration.cameras else None)
                            for n in self.cam_names}
 
@@ -176,18 +176,18 @@ class _BagSession:
         bag_id = str(self.bag.resolve())
         if not self.opt.episode_topic:
             start, end = self.reader.start_time, self.reader.end_time
-            return [(start, end + self.sampler.delay_ns, self.opt.task, f"{bag_id}#0")]
+            return [(start, end, self.opt.task, f"{bag_id}#0")]
         self._require(self.opt.episode_topic, {STRING_TYPE})
         markers = []
         for conn, log_ns, raw in self._messages(self.by_topic[self.opt.episode_topic]):
             try:
                 markers.append(parse_marker(self.reader.deserialize(raw, conn.msgtype).data, log_ns))
-            except (MessageError, Exception) as exc:  # a bad marker is reported, the rest still counts
+            except Exception as exc:  # a bad marker is counted, the others still split the bag
                 self._bad_marker(exc)
         return [(s, e, t or self.opt.task, f"{bag_id}#{k}") for k, (s, e, t) in enumerate(episode_windows(markers))]
 
     def _bad_marker(self, exc) -> None:
-        self.report.bad[self.opt.episode_topic] = self.report.bad.get(self.opt.episode_topic, 0) + 1
+        self.sampler.bad(self.opt.episode_topic, f"bad episode marker: {exc}")
 
     def _messages(self, conns):
         topic = "?"
@@ -226,13 +226,11 @@ class _BagSession:
         stream_of = {c.id: self.streams[c.topic] for c in conns}
         w = 0  # index of the next / current window
         active = False
+        log_ns = 0
         try:
             for conn, log_ns, raw in self._messages(conns):
                 self.report.bytes_read += len(raw)
                 self.tick(1)
-                while w < len(windows) and active and log_ns > windows[w][1]:
-                    self._finish(windows[w])
-                    active, w = False, w + 1
                 if not active and w < len(windows) and log_ns >= windows[w][0]:
                     self._begin(windows[w])
                     active = True
@@ -245,25 +243,34 @@ class _BagSession:
                     self.sampler.bad(stream, f"cannot deserialize {conn.msgtype}: {type(exc).__name__}: {exc}")
                 else:
                     self.sampler.push(stream, stamp, value)
-                horizon = min(log_ns, windows[w][1]) if active else log_ns
-                self._write(self.sampler.advance(horizon))
+                self._write(self.sampler.advance(log_ns))
+                while active and self.sampler.done:  # every tick up to the end marker is decided
+                    self._finish(windows[w])
+                    active, w = False, w + 1
+                    if w < len(windows) and log_ns >= windows[w][0]:
+                        self._begin(windows[w])
+                        active = True
+                        self._write(self.sampler.advance(log_ns))
         except BagError as exc:
             self.report.error = str(exc)
-            if active:
-                self._finish(windows[w], note=f"truncated: {exc}", advance=False)
+            if active:  # keep what was read: the ticks up to the last readable message
+                self.sampler.set_end(min(log_ns, windows[w][1]))
+                self._finish(windows[w], note=f"truncated: {exc}", decide=True)
             return self.report
         except DiskFullError as exc:
             self.report.error = str(exc)
             if active:
-                self._finish(windows[w], note=str(exc), advance=False)
+                self._finish(windows[w], note=str(exc), decide=False)
             raise
         if active:
+            self._write(self.sampler.finish())  # the bag ended: no later message can come
             self._finish(windows[w])
+        self.report.bad = {s: n for s, n in self.sampler.stats.bad_total.items() if n}
         return self.report
 
     def _begin(self, window) -> None:
-        start, _, task, source = window
-        self.sampler.start(start)
+        start, end, task, source = window
+        self.sampler.start(start, end)
         self.writer.start(task=task, source=source)
 
     def _write(self, samples) -> None:
@@ -273,21 +280,17 @@ class _BagSession:
             except MessageError as exc:
                 self.sampler.bad("frame", str(exc))
 
-    def _finish(self, window, note: str = "", advance: bool = True) -> None:
-        if advance:
-            try:
-                self._write(self.sampler.advance(window[1]))
-            except DiskFullError as exc:
-                note = str(exc)
+    def _finish(self, window, note: str = "", decide: bool = False) -> None:
+        if decide:
+            self._write(self.sampler.finish())
         self.sampler.stop()
         result = self.writer.commit(note=note)
         stats = self.sampler.stats
         self.report.dropped += stats.dropped
-        for key, src in (("stale", stats.stale), ("bad", stats.bad)):
-            acc = getattr(self.report, key)
-            for s, n in src.items():
-                if n:
-                    acc[s] = acc.get(s, 0) + n
+        for s, n in stats.stale.items():
+            if n:
+                self.report.stale[s] = self.report.stale.get(s, 0) + n
+        self.report.bad = {s: n for s, n in stats.bad_total.items() if n}  # the whole bag so far
         if result.index >= 0:
             self.report.episodes.append((result.index, result.length))
             self.done_sources.add(window[3])

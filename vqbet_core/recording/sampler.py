@@ -8,8 +8,13 @@ Sampling rule (DESIGN.md section 5, recorder): ticks lie on an absolute grid, ``
 of ROS time (period = 1/control_hz), so two callers that start an episode at slightly different moments
 still sample at the same instants. At tick ``t`` each stream contributes its latest message with stamp
 ``<= t``, if that message is at most ``max_age`` old; otherwise the tick is dropped (not written) and
-counted against every stale stream. Tick ``t`` is only taken once the clock has reached ``t + delay``,
-so a message stamped before ``t`` that is still in transit is not missed.
+counted against every stale stream.
+
+When a tick is decided (the watermark rule): as soon as every stream has delivered a message stamped
+after ``t`` - messages of one stream arrive in stamp order, so nothing stamped ``<= t`` can still come -
+or, for a stream that has gone quiet, once the clock reaches ``t + max_wait``. The result therefore does
+not depend on transport latency or on when the caller's timer fires: live DDS and a bag replay give the
+same samples.
 
 Values may be :class:`Lazy`: an image is decoded and resized only if a tick selects it, and a message
 that fails to decode then counts as bad and the previous message of that stream is used instead.
@@ -79,8 +84,8 @@ class SamplerStats:
 class StreamSampler:
     """Latest-message-per-stream sampling on a fixed clock (see module docstring)."""
 
-    def __init__(self, streams: Iterable[str], control_hz: float, max_age: float, delay: float = 0.0,
-                 max_history: int = 64):
+    def __init__(self, streams: Iterable[str], control_hz: float, max_age: float, max_wait: float = 0.5,
+                 max_history: int = 4096):
         self.streams = list(streams)
         if not self.streams:
             raise VqbetError("sampler needs at least one stream")
@@ -88,16 +93,18 @@ class StreamSampler:
             raise VqbetError(f"control_hz must be a positive number, got {control_hz}")
         if not max_age > 0:
             raise VqbetError(f"max_age must be positive seconds, got {max_age}")
-        if delay < 0:
-            raise VqbetError(f"sample delay must be >= 0 seconds, got {delay}")
+        if not max_wait >= 0:
+            raise VqbetError(f"max_wait must be >= 0 seconds, got {max_wait}")
         self.period_ns = int(round(NS / control_hz))
         self.max_age_ns = int(round(max_age * NS))
-        self.delay_ns = int(round(delay * NS))
+        self.max_wait_ns = int(round(max_wait * NS))
         self.max_history = int(max_history)
         self._stamps: dict[str, list[int]] = {s: [] for s in self.streams}
         self._values: dict[str, list] = {s: [] for s in self.streams}
+        self._latest: dict[str, int] = {s: -(1 << 62) for s in self.streams}  # per-stream watermark
         self.active = False
         self.next_tick = 0
+        self.end: int | None = None
         self.stats = SamplerStats(stale={s: 0 for s in self.streams}, bad={s: 0 for s in self.streams},
                                   bad_total={s: 0 for s in self.streams})
 
@@ -112,51 +119,81 @@ class StreamSampler:
             i = bisect.bisect_right(stamps, stamp)
             stamps.insert(i, stamp)
             values.insert(i, value)
+        if stamp > self._latest[stream]:
+            self._latest[stream] = stamp
         if len(stamps) > self.max_history:
             del stamps[0], values[0]
 
-    def bad(self, stream: str, reason: str) -> None:
-        """Count a malformed message of ``stream`` (skipped, never fatal)."""
+    def bad(self, stream: str, reason: str, stamp: int | None = None) -> None:
+        """Count a malformed message of ``stream`` (skipped, never fatal); its stamp still moves the watermark."""
         self.stats.bad[stream] = self.stats.bad.get(stream, 0) + 1
         self.stats.bad_total[stream] = self.stats.bad_total.get(stream, 0) + 1
         self.stats.last_bad = f"{stream}: {reason}"
+        if stamp is not None and stream in self._latest and stamp > self._latest[stream]:
+            self._latest[stream] = stamp
 
     # ------------------------------------------------------------------ episodes
     def first_tick(self, at: int) -> int:
         return -(-int(at) // self.period_ns) * self.period_ns
 
-    def start(self, at: int) -> None:
-        """Begin sampling at the first grid tick at or after ``at`` ns; resets the per-episode counts."""
+    def start(self, at: int, end: int | None = None) -> None:
+        """Sample from the first grid tick at or after ``at`` ns (up to ``end`` ns when given); resets the
+        per-episode counts."""
         self.active = True
         self.next_tick = self.first_tick(at)
+        self.end = None if end is None else int(end)
         self.stats.samples = self.stats.dropped = 0
         self.stats.stale = {s: 0 for s in self.streams}
         self.stats.bad = {s: 0 for s in self.streams}
 
+    def set_end(self, end: int) -> None:
+        """The episode ends at ``end`` ns: ticks after it are not taken."""
+        self.end = int(end)
+
+    @property
+    def done(self) -> bool:
+        """Every tick up to the episode's end has been decided."""
+        return self.end is not None and self.next_tick > self.end
+
     def stop(self) -> None:
         self.active = False
+        self.end = None
 
     # ------------------------------------------------------------------ clock
+    def _decidable(self, tick: int, now: int) -> bool:
+        if now - tick >= self.max_wait_ns:
+            return True
+        latest = self._latest
+        return all(latest[s] > tick for s in self.streams)
+
     def advance(self, now: int) -> list[tuple[int, dict]]:
-        """Take every tick ``t <= now - delay`` not taken yet; returns ``[(t, {stream: value})]`` of fresh ticks."""
-        horizon = int(now) - self.delay_ns
+        """Decide every tick that can be decided at clock time ``now`` (see the watermark rule);
+        returns ``[(t, {stream: value})]`` of the fresh ones."""
+        now = int(now)
         out = []
-        if self.active and self.next_tick <= horizon:
-            backlog = (horizon - self.next_tick) // self.period_ns + 1
+        if self.active:
+            last = now - self.max_wait_ns if self.end is None else min(now - self.max_wait_ns, self.end)
+            backlog = (last - self.next_tick) // self.period_ns + 1
             if backlog > _MAX_BACKLOG_TICKS:  # a clock jump: count, do not loop for hours
                 skip = backlog - _MAX_BACKLOG_TICKS
                 self.stats.dropped += skip
                 for s in self.streams:
                     self.stats.stale[s] += skip
                 self.next_tick += skip * self.period_ns
-            while self.next_tick <= horizon:
+            while (self.end is None or self.next_tick <= self.end) and self._decidable(self.next_tick, now):
                 values = self._sample(self.next_tick)
                 if values is not None:
                     out.append((self.next_tick, values))
                     self.stats.samples += 1
                 self.next_tick += self.period_ns
-        self._prune(self.next_tick if self.active else horizon)
+        self._prune(self.next_tick if self.active else now - self.max_wait_ns)
         return out
+
+    def finish(self) -> list[tuple[int, dict]]:
+        """Decide the remaining ticks up to the episode end with the messages there are (no more will come)."""
+        if not self.active or self.end is None:
+            return []
+        return self.advance(self.end + self.max_wait_ns)
 
     def _select(self, stream: str, tick: int):
         """Latest good message of ``stream`` at ``tick``, or None when stale / missing."""
@@ -201,10 +238,14 @@ class StreamSampler:
         return values
 
     def _prune(self, tick: int) -> None:
-        """Forget messages that no tick at or after ``tick`` can select."""
+        """Forget messages older than ``max_age`` at ``tick``: no tick from ``tick`` on can select them.
+
+        The cut depends on the tick only, never on when messages arrived, so live and bag replay keep the
+        same candidates (a frame that fails to decode falls back to the same previous one)."""
+        cut = tick - self.max_age_ns
         for s in self.streams:
             stamps = self._stamps[s]
-            i = bisect.bisect_right(stamps, tick) - 1
+            i = bisect.bisect_left(stamps, cut)
             if i > 0:
                 del stamps[:i], self._values[s][:i]
 
@@ -249,6 +290,7 @@ class EpisodeWriter:
         self._buffer: list[tuple[int, dict]] = []
         self._buffered_keys: dict | None = None
         self._written = 0  # steps of the open episode handed to the store (or its queue)
+        self.last_stamp = 0  # stamp (ns) of the latest step added
         self._error: BaseException | None = None
         self._queue: queue.Queue | None = None
         self._thread: threading.Thread | None = None
@@ -354,6 +396,7 @@ class EpisodeWriter:
             raise MessageError(f"step does not match the episode's keys/shapes: got {got}, "
                                f"expected { {k: s for k, (s, _) in self._buffered_keys.items()} }")
         self._buffer.append((int(stamp), values))
+        self.last_stamp = int(stamp)
         if len(self._buffer) >= self.flush_every:
             self._flush()
             free = self.disk_free()

@@ -73,6 +73,7 @@ def main(argv=None) -> int:
     parser.add_argument("--bad-every", type=int, default=0, help="every N-th message of each stream is malformed")
     parser.add_argument("--frames", type=int, default=0, help="cycle N precomputed frames (fast, for benchmarks)")
     parser.add_argument("--reliability", choices=("reliable", "best_effort"), default="reliable")
+    parser.add_argument("--depth", type=int, default=100, help="publisher history depth (slow readers lose less)")
     parser.add_argument("--log", default=None, help="JSON lines: one per published message")
     parser.add_argument("--duration", type=float, default=0.0, help="seconds to run (0 = until stopped)")
     parser.add_argument("--seed", type=int, default=0)
@@ -82,7 +83,7 @@ def main(argv=None) -> int:
     cams = [parse_camera(c) for c in opts.camera]
     rng = np.random.default_rng(opts.seed)
     log = open(opts.log, "w") if opts.log else None
-    qos = make_qos(opts.reliability, 10)
+    qos = make_qos(opts.reliability, opts.depth)
 
     rclpy.init(args=argv)
     node = Node("fake_streams")

@@ -23,7 +23,9 @@ import sys
 
 import rclpy
 from rcl_interfaces.msg import ParameterDescriptor, SetParametersResult
+from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
 from rclpy.executors import ExternalShutdownException
+from rclpy.task import Future
 from rclpy.node import Node
 from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
 from rclpy.event_handler import SubscriptionEventCallbacks
@@ -77,8 +79,8 @@ class RecorderNode(Node):
         self.command_type = p["command_type"]
         self.task = p["task"]
         self.mapper = ros_convert.JointMapper(self.calibration.joint_names)
-        self.sampler = StreamSampler(stream_keys(cams), self.control_hz, p["max_age"], p["sample_delay"])
-        settings = {"max_age": p["max_age"], "delay": p["sample_delay"], "stamp_source": p["stamp_source"],
+        self.sampler = StreamSampler(stream_keys(cams), self.control_hz, p["max_age"], p["max_wait"])
+        settings = {"max_age": p["max_age"], "max_wait": p["max_wait"], "stamp_source": p["stamp_source"],
                     "preprocess_images": p["preprocess_images"], "command_topic": p["command_topic"],
                     "command_type": p["command_type"]}
         attrs = dataset_attrs(self.calibration, cams, self.control_hz, "recorder_node", settings)
@@ -94,6 +96,7 @@ class RecorderNode(Node):
         self.last_error = ""
         self.last_result = None
         self.latency = {}  # stream -> worst (receive - stamp) seconds since the last status
+        self._ending = None  # Future an end_episode call waits on
 
         image_qos = qos_from_parameters(self, "image_qos", "best_effort", 5)
         state_qos = qos_from_parameters(self, "state_qos", "reliable", 50)
@@ -113,12 +116,16 @@ class RecorderNode(Node):
         self.status_pub = self.create_publisher(String, "~/status", 10)
         self.events_pub = self.create_publisher(String, "~/episode_events", events_qos)
         self.diagnostics = Diagnostics(self, "recorder", hardware_id=self.calibration.robot)
-        self.create_service(Trigger, "~/start_episode", self._on_start)
-        self.create_service(Trigger, "~/end_episode", self._on_end)
-        self.create_service(Trigger, "~/discard_episode", self._on_discard)
+        # services in their own group: an end_episode waiting for its last ticks must not block the
+        # subscriptions and the timer that decide them (one group runs one callback at a time)
+        services = MutuallyExclusiveCallbackGroup()
+        self.create_service(Trigger, "~/start_episode", self._on_start, callback_group=services)
+        self.create_service(Trigger, "~/end_episode", self._on_end, callback_group=services)
+        self.create_service(Trigger, "~/discard_episode", self._on_discard, callback_group=services)
         self.add_on_set_parameters_callback(self._on_set_parameters)
         self.create_timer(1.0 / self.control_hz, self._on_tick)
         self.create_timer(p["status_period"], self._publish_status)
+        log.info("ready: call ~/start_episode, ~/end_episode, ~/discard_episode (or run record_keyboard)")
 
     # ------------------------------------------------------------------ parameters
     def _declare_parameters(self) -> dict:
@@ -130,7 +137,7 @@ class RecorderNode(Node):
             "calibration": declare("calibration", "", "calibration YAML: joint order, cameras, crop/resize"),
             "control_hz": declare("control_hz", 0.0, "sampling rate; 0 = the calibration's control_hz"),
             "max_age": declare("max_age", 0.1, "a tick is dropped when a stream's latest message is older (s)"),
-            "sample_delay": declare("sample_delay", 0.05, "take a tick only this long after it, for in-flight messages (s)"),
+            "max_wait": declare("max_wait", 0.5, "longest a tick waits for a quiet stream's next message (s)"),
             "stamp_source": declare("stamp_source", "header", "header (zero stamps fall back to receive time) or receive"),
             "joint_states_topic": declare("joint_states_topic", "/joint_states", "measured joint states"),
             "command_topic": declare("command_topic", "/teleop/joint_command", "teleop command, becomes 'action'"),
@@ -138,8 +145,9 @@ class RecorderNode(Node):
             "cameras": declare("cameras", [""], "calibration cameras to record; [''] = all"),
             "preprocess_images": declare("preprocess_images", True, "crop/resize frames per calibration at record time"),
             "task": declare("task", "", "task label of the next episode (also settable on ~/task)"),
-            "min_free_mb": declare("min_free_mb", 1024.0, "free disk needed to start an episode (MB)"),
-            "stop_free_mb": declare("stop_free_mb", 256.0, "an episode stops (and is kept) below this free disk (MB)"),
+            "min_free_mb": declare("min_free_mb", 1024.0, "free disk needed to start an episode (MB; settable at run time)"),
+            "stop_free_mb": declare("stop_free_mb", 256.0, "below this free disk the open episode is committed and "
+                                    "recording stops (MB; settable at run time)"),
             "flush_every": declare("flush_every", 0, "steps per disk write; 0 = one second of steps"),
             "status_period": declare("status_period", 1.0, "seconds between ~/status and /diagnostics messages"),
             "on_shutdown": declare("on_shutdown", "commit", "an episode open at shutdown: commit or discard"),
@@ -149,6 +157,10 @@ class RecorderNode(Node):
         for param in params:
             if param.name == "task":
                 self._set_task(str(param.value))
+            elif param.name == "min_free_mb":
+                self.writer.min_free = int(float(param.value) * MB)
+            elif param.name == "stop_free_mb":
+                self.writer.stop_free = int(float(param.value) * MB)
         return SetParametersResult(successful=True)
 
     def _subscribe(self, msg_type, topic, qos, prefix, callback):
@@ -217,10 +229,15 @@ class RecorderNode(Node):
         self._take(self._now())
 
     def _take(self, now: int) -> None:
-        """Advance the sampling clock to ``now`` and write the fresh ticks."""
+        """Advance the sampling clock to ``now`` and write the decided ticks; wakes a waiting end_episode."""
         samples = self.sampler.advance(now)
-        if self.state != "recording":
+        if self.state not in ("recording", "ending"):
             return
+        self._write(samples)
+        if self._ending is not None and not self._ending.done() and (self.sampler.done or not self.writer.recording):
+            self._ending.set_result(True)
+
+    def _write(self, samples) -> None:
         for stamp, values in samples:
             try:
                 self.writer.add(stamp, values)
@@ -246,14 +263,16 @@ class RecorderNode(Node):
         msg = f"RECORDING STOPPED: {self.last_error}"
         if result is not None and result.index >= 0:
             msg += f" - episode {result.index} kept with {result.length} steps"
-            self._event("end", self._now(), result.index, result.length, note=reason)
+            # an end marker covers the ticks up to its stamp: the last step kept
+            self._event("end", self.writer.last_stamp, result.index, result.length, note=reason)
         self.get_logger().error(msg + "; free disk space, then start a new episode")
         self._publish_status()
 
     # ------------------------------------------------------------------ services
     def _on_start(self, request, response):
         if self.writer.recording:
-            response.success, response.message = False, f"already recording episode {self.writer.n_episodes}"
+            response.success = False
+            response.message = f"episode {self.writer.n_episodes} is {self.state} (end or discard it first)"
             return response
         now = self._now()
         try:
@@ -273,17 +292,28 @@ class RecorderNode(Node):
         self._publish_status()
         return response
 
-    def _on_end(self, request, response):
-        if not self.writer.recording:
-            response.success, response.message = False, "no episode is being recorded"
+    async def _on_end(self, request, response):
+        """Commit the open episode: ticks up to now, once each is decided (the watermark rule).
+
+        A coroutine, so the executor keeps taking messages and timer ticks while it waits (at most
+        ``max_wait`` plus one tick)."""
+        if not self.writer.recording or self.state != "recording":
+            response.success = False
+            response.message = "no episode is being recorded" if not self.writer.recording else f"episode is {self.state}"
             return response
-        now = self._now()
-        self._take(now)
-        if not self.writer.recording:  # stopped for disk space inside _take
+        end = self._now()
+        self.sampler.set_end(end)
+        self.state = "ending"
+        self._take(end)
+        if self.writer.recording and not self.sampler.done:
+            self._ending = Future()
+            await self._ending
+            self._ending = None
+        if not self.writer.recording:  # stopped for disk space while ending
             response.success, response.message = False, self.last_error
             return response
-        self.sampler.stop()
         stats = self.sampler.stats
+        self.sampler.stop()
         try:
             result = self.writer.commit()
         except VqbetError as exc:
@@ -294,12 +324,12 @@ class RecorderNode(Node):
         self.state = "idle"
         self.last_result = result
         if result.index < 0:
-            self._event("discard", now, self.writer.n_episodes)
+            self._event("discard", end, self.writer.n_episodes)
             response.success = False
             response.message = (f"nothing recorded, episode not committed: {stats.dropped} ticks dropped "
                                 f"(stale: {_nonzero(stats.stale)})")
         else:
-            self._event("end", now, result.index, result.length, note=result.note)
+            self._event("end", end, result.index, result.length, note=result.note)
             response.success = True
             response.message = (f"episode {result.index} committed: {result.length} steps, {stats.dropped} ticks "
                                 f"dropped, {sum(stats.bad.values())} bad messages")
@@ -308,7 +338,7 @@ class RecorderNode(Node):
         return response
 
     def _on_discard(self, request, response):
-        if not self.writer.recording:
+        if not self.writer.recording or self.state != "recording":
             response.success, response.message = False, "no episode is being recorded"
             return response
         self.sampler.stop()

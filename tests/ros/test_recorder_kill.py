@@ -1,0 +1,153 @@
+"""SIGKILL the recorder at random moments (starting up, idle, recording, writing, committing).
+
+After every kill the store must reopen, and every episode whose commit was acknowledged must still be
+there with its length; at the end every stored episode must hold exactly what was published. The
+default run kills 20 times; the slow soak 100 times with longer episodes.
+"""
+
+from __future__ import annotations
+
+import random
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("rclpy")
+
+sys.path.insert(0, str(Path(__file__).parent))
+import _recorder_support as S  # noqa: E402
+
+from vqbet_core.calibration import load_calibration  # noqa: E402
+from vqbet_core.data.store import ZarrDataset  # noqa: E402
+
+pytestmark = pytest.mark.ros
+HZ = 50.0
+
+
+def _call_until(client, proc, name, timeout=5.0):
+    """A service call that gives up when the recorder dies; returns the response or None."""
+    future = client.call_async(name)
+    end = time.monotonic() + timeout
+    while not future.done() and time.monotonic() < end and proc.poll() is None:
+        client.executor.spin_once(timeout_sec=0.02)
+    return future.result() if future.done() else None
+
+
+def _wait_alive(client, proc, timeout=30.0) -> bool:
+    """Wait for a status message from this recorder process (not a stale one); False if it died first."""
+    client.status.clear()
+    end = time.monotonic() + timeout
+    while time.monotonic() < end and proc.poll() is None:
+        if client.status and all(c.service_is_ready() for c in client.clients.values()):
+            return True
+        client.spin(0.05)
+    if proc.poll() is None:
+        raise AssertionError(f"recorder did not come up: {proc.log_path.read_text()[-2000:]}")
+    return False
+
+
+def _kill_later(procs, proc, delay, log):
+    def run():
+        time.sleep(delay)
+        if proc.poll() is None:
+            procs.kill(proc)
+            log.append(delay)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+def _check_committed(out: Path, committed: dict) -> ZarrDataset | None:
+    if not out.exists():  # killed before the store was first created (it appears atomically)
+        assert not committed
+        return None
+    ds = ZarrDataset.open(out, mode="a")  # what the next recorder does: repair, truncate leftovers
+    ds = ZarrDataset.open(out, mode="r")
+    lengths = np.diff(np.concatenate([[0], ds.episode_ends]))
+    for index, length in committed.items():
+        assert index < ds.n_episodes, f"acknowledged episode {index} is gone ({ds.n_episodes} episodes)"
+        assert lengths[index] == length, f"episode {index}: {lengths[index]} steps, acknowledged {length}"
+    return ds
+
+
+def run_kills(tmp: Path, kills: int, seed: int, episode_s=(0.05, 0.3)) -> dict:
+    rng = random.Random(seed)
+    env = S.ros_env()
+    cal = S.write_calibration(tmp)
+    out = tmp / "kill.zarr"
+    procs = S.Procs(env, tmp)
+    client = None
+    committed: dict[int, int] = {}
+    killed: list[float] = []
+    try:
+        fake = procs.start("fake", S.fake_streams_args(tmp / "pub.jsonl", joint_hz=100))
+        client = S.Client(int(env["ROS_DOMAIN_ID"]))
+        for cycle in range(kills):
+            rec = procs.start(f"rec{cycle}", S.recorder_args(out, cal, {"flush_every": 2, "control_hz": HZ,
+                                                                        "status_period": 0.1}))
+            n_killed = len(killed)
+            if rng.random() < 0.2:  # during start-up: imports, store recovery, discovery
+                killer = _kill_later(procs, rec, rng.uniform(0.2, 1.5), killed)
+                _wait_alive(client, rec)
+            else:
+                if not _wait_alive(client, rec):
+                    raise AssertionError(f"recorder died on its own: {rec.log_path.read_text()[-2000:]}")
+                killer = _kill_later(procs, rec, rng.uniform(0.05, 1.2), killed)
+            while rec.poll() is None:
+                start = _call_until(client, rec, "start_episode")
+                if start is None or not start.success:
+                    continue
+                end = time.monotonic() + rng.uniform(*episode_s)
+                while time.monotonic() < end and rec.poll() is None:
+                    client.executor.spin_once(timeout_sec=0.01)
+                verb = "end_episode" if rng.random() < 0.85 else "discard_episode"
+                res = _call_until(client, rec, verb)
+                if res is not None and res.success and verb == "end_episode":
+                    index, rest = res.message.split(" committed: ")
+                    committed[int(index.split()[1])] = int(rest.split()[0])
+            killer.join()
+            assert len(killed) == n_killed + 1 and rec.returncode == -9, "the recorder was not SIGKILLed"
+            _check_committed(out, committed)
+        procs.stop(fake)
+    finally:
+        if client is not None:
+            client.close()
+        procs.close()
+    return {"out": out, "cal": cal, "committed": committed, "killed": killed, "tmp": tmp}
+
+
+def _check_contents(result: dict) -> None:
+    ds = _check_committed(result["out"], result["committed"])
+    ds.validate(["robot_joint", "action", "camera_front", "camera_wrist", "timestamp"])
+    pre = {n: c.preprocess for n, c in load_calibration(result["cal"]).cameras.items()}
+    pub = S.read_pub_log(result["tmp"] / "pub.jsonl")
+    last = -1
+    for i in range(ds.n_episodes):
+        ep = ds.episode(i)
+        ticks = S.tick_ns(ep["timestamp"], HZ)
+        assert ticks[0] > last and np.all(np.diff(ticks) > 0), f"episode {i}: ticks out of order"
+        last = ticks[-1]
+        # a loaded machine may deliver a message after its tick was taken: then the recorder rightly used
+        # the one before it, so here every value must be *a* published message within max_age, in order
+        S.check_episode(pub, ep, pre, HZ, max_age=0.1, exact=False, where=f"episode {i}")
+
+
+@pytest.mark.timeout(240)
+def test_sigkill_20_times_keeps_committed_episodes(tmp_path):
+    result = run_kills(tmp_path, kills=20, seed=random.randrange(1 << 30))
+    assert len(result["killed"]) == 20
+    assert len(result["committed"]) >= 5, "too few episodes were committed to test anything"
+    _check_contents(result)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_sigkill_soak(tmp_path):
+    result = run_kills(tmp_path, kills=100, seed=random.randrange(1 << 30), episode_s=(0.1, 1.5))
+    assert len(result["killed"]) == 100
+    _check_contents(result)

@@ -1,0 +1,244 @@
+"""``vqbet bag2zarr`` on bags written here with ``rosbags`` (sqlite3 and mcap, raw and compressed images,
+shuffled joint order, JointState and JointTrajectory commands), checked against an independent reference
+of the sampling rule. (The comparison with the live recorder on the same streams is in tests/ros.)"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from vqbet_core.calibration import load_calibration
+from vqbet_core.cli.main import main as vqbet
+from vqbet_core.data.store import ZarrDataset
+
+rosbags = pytest.importorskip("rosbags")
+from rosbags.rosbag2 import StoragePlugin, Writer  # noqa: E402
+from rosbags.typesys import Stores, get_typestore  # noqa: E402
+
+TS = get_typestore(Stores.ROS2_JAZZY)
+T = TS.types
+MS = 1_000_000
+T0 = 1_700_000_000_000_000_000
+JOINTS = ["j_a", "j_b", "j_c"]
+CAL = """\
+robot: testbot
+control_hz: 10
+joint_names: [j_a, j_b, j_c]
+joint_limits: {lower: -10, upper: 10, velocity: 1}
+cameras:
+  front: {topic: /camera/image_raw, size: [16, 12], crop: [8, 0, 48, 48]}
+  wrist: {topic: /wrist/image/compressed, compressed: true, size: [16, 12]}
+"""
+
+
+def _header(ns):
+    return T["std_msgs/msg/Header"](stamp=T["builtin_interfaces/msg/Time"](sec=ns // 10**9, nanosec=ns % 10**9), frame_id="")
+
+
+def frame(seq):
+    y, x = np.mgrid[0:48, 0:64]
+    return ((np.stack([x * 3, y * 5, x + y], axis=2) + seq) % 256).astype(np.uint8)
+
+
+def joint_values(seq):
+    return seq * 0.5 + np.arange(3, dtype=np.float64)
+
+
+def command_values(seq):
+    return -seq * 0.25 - np.arange(3, dtype=np.float64)
+
+
+def _jointstate(stamp, values, rng):
+    perm = rng.permutation(3)
+    return T["sensor_msgs/msg/JointState"](header=_header(stamp), name=[JOINTS[i] for i in perm],
+                                           position=values[perm], velocity=np.zeros(0), effort=np.zeros(0))
+
+
+def _trajectory(values, rng):
+    perm = rng.permutation(3)
+    point = T["trajectory_msgs/msg/JointTrajectoryPoint"](
+        positions=values[perm], velocities=np.zeros(0), accelerations=np.zeros(0), effort=np.zeros(0),
+        time_from_start=T["builtin_interfaces/msg/Duration"](sec=0, nanosec=0))
+    return T["trajectory_msgs/msg/JointTrajectory"](header=_header(0), joint_names=[JOINTS[i] for i in perm], points=[point])
+
+
+def write_bag(path: Path, storage: str, seconds: float = 2.0, command: str = "JointTrajectory", t0: int = T0,
+              markers=(), skip_topics=(), bad_joint_every: int = 0, seed: int = 0):
+    """A bag like ``ros2 bag record`` writes: log time = stamp + a small transport latency.
+
+    Returns {stream: [(stamp used for sampling, seq)]} of the good messages, for the reference."""
+    rng = np.random.default_rng(seed)
+    plugin = StoragePlugin.MCAP if storage == "mcap" else StoragePlugin.SQLITE3
+    events, used = [], {"camera_front": [], "camera_wrist": [], "robot_joint": [], "action": []}
+    n_cam, n_js = int(seconds * 30), int(seconds * 100)
+    for k in range(n_cam):
+        stamp = t0 + k * 33_333_333 + 7
+        bgr = np.ascontiguousarray(frame(k)[:, :, ::-1])
+        img = T["sensor_msgs/msg/Image"](header=_header(stamp), height=48, width=64, encoding="bgr8",
+                                         is_bigendian=0, step=192, data=bgr.reshape(-1))
+        events.append((stamp + 2 * MS, "/camera/image_raw", "sensor_msgs/msg/Image", img))
+        used["camera_front"].append((stamp, k))
+        ok, png = cv2.imencode(".png", bgr)
+        comp = T["sensor_msgs/msg/CompressedImage"](header=_header(stamp + 1000), format="png", data=png.reshape(-1))
+        events.append((stamp + 3 * MS, "/wrist/image/compressed", "sensor_msgs/msg/CompressedImage", comp))
+        used["camera_wrist"].append((stamp + 1000, k))
+        log = stamp + 1 * MS
+        if command == "JointTrajectory":  # header stamp 0: sampled by its log (receive) time
+            events.append((log, "/teleop/joint_command", "trajectory_msgs/msg/JointTrajectory", _trajectory(command_values(k), rng)))
+            used["action"].append((log, k))
+        else:
+            events.append((log, "/teleop/joint_command", "sensor_msgs/msg/JointState", _jointstate(stamp, command_values(k), rng)))
+            used["action"].append((stamp, k))
+    for k in range(n_js):
+        stamp = t0 + k * 10 * MS + 11
+        values = joint_values(k)
+        bad = bad_joint_every and k % bad_joint_every == bad_joint_every - 1
+        if bad:
+            values = values.copy()
+            values[1] = np.nan
+        events.append((stamp + MS // 2, "/joint_states", "sensor_msgs/msg/JointState", _jointstate(stamp, values, rng)))
+        if not bad:
+            used["robot_joint"].append((stamp, k))
+    for log, text in markers:
+        events.append((log, "/episode", "std_msgs/msg/String", T["std_msgs/msg/String"](data=text)))
+    events.sort(key=lambda e: e[0])
+    with Writer(path, version=9, storage_plugin=plugin) as writer:
+        conns = {}
+        for log, topic, msgtype, msg in events:
+            if topic in skip_topics:
+                continue
+            if topic not in conns:
+                conns[topic] = writer.add_connection(topic, msgtype, typestore=TS)
+            writer.write(conns[topic], log, TS.serialize_cdr(msg, msgtype))
+    return used
+
+
+def reference(used, ticks_ns, max_age_ns=100 * MS):
+    """The sampling rule, written independently: latest message at or before the tick, at most max_age old."""
+    rows = {}
+    for stream, items in used.items():
+        stamps = np.array([s for s, _ in items])
+        seqs = [k for _, k in items]
+        picked = []
+        for t in ticks_ns:
+            j = int(np.searchsorted(stamps, t, side="right")) - 1
+            picked.append(seqs[j] if j >= 0 and t - stamps[j] <= max_age_ns else None)
+        rows[stream] = picked
+    keep = [i for i in range(len(ticks_ns)) if all(rows[s][i] is not None for s in rows)]
+    return keep, rows
+
+
+@pytest.fixture
+def cal(tmp_path):
+    path = tmp_path / "cal.yaml"
+    path.write_text(CAL)
+    return path
+
+
+def _run(*args):
+    return vqbet(["bag2zarr", *map(str, args), "--no-progress", "--min-free-mb", "1"])
+
+
+@pytest.mark.parametrize("storage,command", [("mcap", "JointTrajectory"), ("sqlite3", "JointState")])
+def test_bag_matches_the_sampling_rule(tmp_path, cal, storage, command, capsys):
+    used = write_bag(tmp_path / "bag", storage, command=command, bad_joint_every=13)
+    out = tmp_path / "d.zarr"
+    assert _run(tmp_path / "bag", "--calibration", cal, "--out", out) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["ok"] and report["bad"]["robot_joint"] == 200 // 13
+    ds = ZarrDataset.open(out)
+    ds.validate(["camera_front", "camera_wrist", "robot_joint", "action", "timestamp"])
+    assert ds.n_episodes == 1 and ds.attrs["source"] == "bag2zarr"
+    assert ds.attrs["episode_sources"] == [f"{(tmp_path / 'bag').resolve()}#0"]
+    ticks = np.round(ds.read("timestamp") * 10).astype(np.int64) * 100 * MS
+    # whole-bag episode: every grid tick from the first to the last message (10 Hz, 2 s)
+    first_log = T0 + 1 * MS + 7
+    all_ticks = np.arange(-(-first_log // (100 * MS)) * 100 * MS, T0 + 2000 * MS, 100 * MS)
+    keep, rows = reference(used, all_ticks)
+    np.testing.assert_array_equal(ticks, all_ticks[keep])
+    pre = load_calibration(cal).cameras
+    for i, row in enumerate(keep):
+        np.testing.assert_array_equal(ds.read("robot_joint")[i], joint_values(rows["robot_joint"][row]).astype(np.float32))
+        np.testing.assert_array_equal(ds.read("action")[i], command_values(rows["action"][row]).astype(np.float32))
+        for cam in ("front", "wrist"):
+            want = pre[cam].preprocess.crop_resize(frame(rows[f"camera_{cam}"][row]))
+            np.testing.assert_array_equal(ds.read(f"camera_{cam}")[i], want)
+
+
+def test_markers_split_episodes_append_and_skip(tmp_path, cal, capsys):
+    markers = [(T0 + 200 * MS, "start pick the cup"), (T0 + 700 * MS, "end"),
+               (T0 + 800 * MS, "start junk"), (T0 + 900 * MS, "discard"),
+               (T0 + 1_000 * MS, json.dumps({"event": "start", "stamp_ns": T0 + 1_050 * MS, "task": "place"})),
+               (T0 + 1_500 * MS, json.dumps({"event": "end", "stamp_ns": T0 + 1_420 * MS})),
+               (T0 + 1_800 * MS, "start never ended")]
+    write_bag(tmp_path / "a", "mcap", markers=markers)
+    out = tmp_path / "d.zarr"
+    assert _run(tmp_path / "a", "--calibration", cal, "--out", out, "--episode-topic", "/episode") == 0
+    ds = ZarrDataset.open(out)
+    assert ds.attrs["episode_tasks"] == ["pick the cup", "place"]
+    ticks = [np.round(ds.episode(i, ["timestamp"])["timestamp"] * 10).astype(int) - T0 // (100 * MS) for i in range(2)]
+    assert list(ticks[0]) == [2, 3, 4, 5, 6, 7] and list(ticks[1]) == [11, 12, 13, 14]
+    # again: nothing new; with a second bag (different recording): appended
+    capsys.readouterr()
+    assert _run(tmp_path / "a", "--calibration", cal, "--out", out, "--episode-topic", "/episode") == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["skipped"] == 2
+    write_bag(tmp_path / "b", "sqlite3", t0=T0 + 10**10, markers=[(T0 + 10**10 + 100 * MS, "start again"),
+                                                                  (T0 + 10**10 + 400 * MS, "end")])
+    assert _run(tmp_path / "a", tmp_path / "b", "--calibration", cal, "--out", out, "--episode-topic", "/episode") == 0
+    ds = ZarrDataset.open(out)
+    assert ds.n_episodes == 3 and ds.attrs["episode_tasks"] == ["pick the cup", "place", "again"]
+
+
+def test_missing_topic_and_corrupt_bags_one_line_each(tmp_path, cal, capsys):
+    write_bag(tmp_path / "good", "sqlite3", seconds=1.0)
+    write_bag(tmp_path / "nojoints", "mcap", seconds=1.0, skip_topics=("/joint_states",))
+    write_bag(tmp_path / "truncated", "mcap", seconds=1.0)
+    mcap = next((tmp_path / "truncated").glob("*.mcap"))
+    data = mcap.read_bytes()
+    mcap.write_bytes(data[: len(data) * 2 // 3])
+    write_bag(tmp_path / "corrupt", "sqlite3", seconds=1.0)
+    db = next((tmp_path / "corrupt").glob("*.db3"))
+    raw = bytearray(db.read_bytes())
+    raw[100:4000] = b"\xff" * 3900
+    db.write_bytes(bytes(raw))
+    out = tmp_path / "d.zarr"
+    rc = _run(tmp_path / "good", tmp_path / "nojoints", tmp_path / "truncated", tmp_path / "corrupt",
+              tmp_path / "missing", "--calibration", cal, "--out", out)
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert rc == 2
+    assert any("nojoints" in e and "topic /joint_states not found" in e for e in err), err
+    assert any("truncated" in e for e in err) and any("corrupt" in e for e in err), err
+    assert any("missing: not found" in e for e in err), err
+    assert len(err) == 4
+    ds = ZarrDataset.open(out)  # the good bag's episode (and what was readable of the truncated one) stays
+    assert ds.n_episodes >= 1 and ds.attrs["episode_sources"][0].endswith("good#0")
+    ds.validate(["robot_joint"])
+
+
+def test_user_errors(tmp_path, cal, capsys):
+    write_bag(tmp_path / "bag", "mcap", seconds=0.5)
+    assert _run(tmp_path / "bag", "--calibration", cal, "--out", tmp_path / "d.zarr", "--camera", "front") == 2
+    assert "--camera 'front': expected NAME=TOPIC" in capsys.readouterr().err
+    assert _run(tmp_path / "bag", "--calibration", cal, "--out", tmp_path / "d.zarr", "--command", "/camera/image_raw") == 2
+    assert "has type sensor_msgs/msg/Image, expected" in capsys.readouterr().err
+    assert _run(tmp_path / "bag", "--calibration", cal, "--out", tmp_path / "d.zarr") == 0
+    other = tmp_path / "other.yaml"
+    other.write_text(CAL.replace("j_c]", "j_x]"))
+    assert _run(tmp_path / "bag", "--calibration", other, "--out", tmp_path / "d.zarr") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "joint_names" in err[0] and "use a new output path" in err[0]
+
+
+def test_progress_bar_and_full_frames(tmp_path, cal, capsys):
+    write_bag(tmp_path / "bag", "mcap", seconds=0.5)
+    rc = vqbet(["bag2zarr", str(tmp_path / "bag"), "--calibration", str(cal), "--out", str(tmp_path / "d.zarr"),
+                "--no-preprocess", "--min-free-mb", "1"])
+    assert rc == 0 and "bag2zarr" in capsys.readouterr().err
+    ds = ZarrDataset.open(tmp_path / "d.zarr")
+    assert ds.array("camera_front").shape[1:] == (48, 64, 3)
+    assert ds.attrs["cameras"]["front"]["preprocess"] is None
