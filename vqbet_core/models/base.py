@@ -38,7 +38,8 @@ class Heads:
 
     ``logits``: ``(B, L, C)`` code logits per tokenizer layer (L=2 for VQ-BeT, L=1 for BeT).
     ``secondary_given_primary``: ``(B, C, C)`` secondary logits conditioned on each possible primary
-    code (sequential selection), or ``None``.
+    code (sequential selection), or ``None``. When it is given, ``logits[:, 1]`` is the marginal
+    ``log sum_p P(p) P(s | p)``, used only when sampling is asked to be non-sequential.
     ``offsets``: ``(B, L, C, W*A)`` per-layer, per-code offsets; the chunk offset is the sum over
     layers of the offsets of the chosen codes.
     """
