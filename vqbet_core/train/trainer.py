@@ -281,7 +281,7 @@ class Trainer:
             step = self.meta["phase2_step"]
             bar.update(1)
             if step % int(self.tcfg["log_every"]) == 0 or step == steps:
-                record = {"phase": 2, "step": step, "loss": float(loss), **_scalars(metrics),
+                record = {"phase": 2, "step": step, "loss": float(loss.detach()), **_scalars(metrics),
                           "samples_per_s": seen * self.world / (time.perf_counter() - t0)}
                 if step % int(self.tcfg["val_every"]) == 0 or step == steps:
                     record.update(self._validate())
