@@ -92,10 +92,11 @@ def data_fingerprint(dataset: ZarrDataset, key: str) -> str:
     return hashlib.sha256(f"{head}|{raw}".encode()).hexdigest()
 
 
-def cache_key(dataset: ZarrDataset, key: str, encoder: ImageEncoder, preprocess: ImagePreprocess) -> str:
-    """The hash naming the cache file: data, encoder weights and preprocessing (mean/std/size)."""
+def cache_key(dataset: ZarrDataset, key: str, encoder: ImageEncoder | str, preprocess: ImagePreprocess) -> str:
+    """The hash naming the cache file: data, encoder weights (or their fingerprint) and preprocessing (mean/std/size)."""
+    fingerprint = encoder if isinstance(encoder, str) else encoder.fingerprint()
     spec = {"version": CACHE_VERSION, "arch": ARCH, "feature_dim": FEATURE_DIM, "data": data_fingerprint(dataset, key),
-            "encoder": encoder.fingerprint(), "preprocess": preprocess.to_dict()}
+            "encoder": fingerprint, "preprocess": preprocess.to_dict()}
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
 
 
@@ -125,7 +126,8 @@ def encoded_features(dataset, key: str, encoder: ImageEncoder, vision_cfg: dict,
     array = camera_frames(dataset, key)
     preprocess = dataset_camera_preprocess(dataset.attrs, key, array.shape[1:3], image_size_wh(cfg["image_size"]))
     cache_dir = Path(cache_dir) if cache_dir is not None else DEFAULT_CACHE_DIR
-    digest = cache_key(dataset, key, encoder, preprocess)
+    fingerprint = encoder.fingerprint()
+    digest = cache_key(dataset, key, fingerprint, preprocess)
     path = cache_dir / f"{digest}.npy"
     if path.exists():
         try:
@@ -143,7 +145,7 @@ def encoded_features(dataset, key: str, encoder: ImageEncoder, vision_cfg: dict,
     np.save(tmp, features)
     os.replace(tmp, path)  # atomic: a crash never leaves a half-written cache file under the real name
     (cache_dir / f"{digest}.json").write_text(json.dumps(
-        {"dataset": str(dataset.path), "key": key, "frames": n, "encoder": encoder.fingerprint(),
+        {"dataset": str(dataset.path), "key": key, "frames": n, "encoder": fingerprint,
          "preprocess": preprocess.to_dict(), "created": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=1))
     return features
 
