@@ -2,7 +2,8 @@
 
 One control step = observe (preprocess, encoder) + predict (policy graph, sampling + decode). Both
 sides get the same raw observations, one step at a time (batch 1, as on the robot), and the same
-thread count. Printed as one JSON line: p50 / p99 milliseconds per stage and in total, per image size,
+thread count, in alternating blocks of steps so load changes on a shared machine hit both alike. Printed as
+one JSON line: p50 / p99 / min milliseconds per stage and in total, per image size,
 ``speedup`` = torch eager step time / runtime step time (p50), and ``outside_graphs_fraction`` =
 the share of the runtime step spent outside the encoder and policy graphs (p50).
 
@@ -28,8 +29,8 @@ STAGES = ("preprocess", "encoder", "policy", "sample_decode", "total")
 
 
 def _percentiles(samples: dict[str, list[float]]) -> dict:
-    return {k: {"p50": round(float(np.percentile(v, 50)), 4), "p99": round(float(np.percentile(v, 99)), 4)}
-            for k, v in samples.items() if v}
+    return {k: {"p50": round(float(np.percentile(v, 50)), 4), "p99": round(float(np.percentile(v, 99)), 4),
+                "min": round(float(np.min(v)), 4)} for k, v in samples.items() if v}
 
 
 def _observations(spec, n: int, raw_size: tuple[int, int] | None, seed: int = 0) -> list[tuple[dict, dict]]:
@@ -48,77 +49,102 @@ def _observations(spec, n: int, raw_size: tuple[int, int] | None, seed: int = 0)
     return out
 
 
-def bench_runtime(model_dir: Path, obs: list, warmup: int, threads: int | None, providers=None, seed: int = 0) -> tuple[dict, list[str]]:
-    from vqbet_core.runtime.policy import PolicyRuntime
+class RuntimeStepper:
+    """One runtime control step per call; per-stage milliseconds from ``PolicyRuntime.last_timings``."""
 
-    rt = PolicyRuntime(model_dir, providers=providers, seed=seed, threads=threads)
-    if rt.spec.goal_dim:
-        rt.reset(goal=rt.spec.goal_names[0] if rt.spec.goal_names else rt.spec.normalizer.stats["goal"]["mean"])
-    samples = {k: [] for k in STAGES + ("step",)}
-    for i, (low, imgs) in enumerate(obs):
+    def __init__(self, model_dir: Path, threads: int | None, providers=None, seed: int = 0):
+        from vqbet_core.runtime.policy import PolicyRuntime
+
+        self.rt = PolicyRuntime(model_dir, providers=providers, seed=seed, threads=threads)
+        if self.rt.spec.goal_dim:
+            spec = self.rt.spec
+            self.rt.reset(goal=spec.goal_names[0] if spec.goal_names else spec.normalizer.stats["goal"]["mean"])
+        self.i = 0
+
+    def __call__(self, low: dict, imgs: dict) -> dict:
         t0 = time.perf_counter()
-        rt.observe(low, imgs, stamp=i * rt.spec.period)
-        rt.predict()
+        self.rt.observe(low, imgs, stamp=self.i * self.rt.spec.period)
+        self.rt.predict()
         step = (time.perf_counter() - t0) * 1e3
-        if i >= warmup:
-            for k in STAGES:
-                samples[k].append(rt.last_timings.get(k, 0.0))
-            samples["step"].append(step)
-    outside = [t - e - p for t, e, p in zip(samples["total"], samples["encoder"], samples["policy"])]
-    res = _percentiles(samples)
-    res["outside_graphs_ms"] = _percentiles({"x": outside})["x"]
-    return res, rt.providers
+        self.i += 1
+        t = self.rt.last_timings
+        return {**{k: t.get(k, 0.0) for k in STAGES}, "step": step,
+                "outside_graphs": t["total"] - t["encoder"] - t["policy"]}
 
 
-def bench_torch(run_dir: Path, spec, obs: list, warmup: int, threads: int | None, device: str = "cpu", seed: int = 0) -> dict:
-    """The same step in torch eager (what TorchAgent does), timed per stage."""
-    import torch
+class TorchStepper:
+    """The same step in torch eager (what ``TorchAgent`` does), timed per stage."""
 
-    from vqbet_core.history import ObservationHistory
-    from vqbet_core.models.sampling import choose_codes, decode_codes
-    from vqbet_core.train.checkpoint import load_policy
-    from vqbet_core.vision.fusion import fuse_observation
+    def __init__(self, run_dir: Path, spec, threads: int | None, device: str = "cpu", seed: int = 0):
+        import torch
 
-    if threads:
-        torch.set_num_threads(threads)
-    dev = torch.device(device)
-    policy, normalizer, _cfg, _meta, encoder = load_policy(run_dir, dev)
-    table = policy.decode_table()
-    gen = torch.Generator(device=dev).manual_seed(seed)
-    history = ObservationHistory(spec.obs_window)
-    goal = None
-    if spec.goal_dim:
-        g = spec.goal_vectors[spec.goal_names[0]] if spec.goal_names else normalizer.stats["goal"]["mean"]
-        goal = torch.from_numpy(normalizer.normalize("goal", g)[None].astype(np.float32)).to(dev)
-    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-    samples = {k: [] for k in STAGES}
-    with torch.no_grad():
-        for i, (low, imgs) in enumerate(obs):
+        from vqbet_core.history import ObservationHistory
+        from vqbet_core.train.checkpoint import load_policy
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.torch = torch
+        self.dev = torch.device(device)
+        self.spec = spec
+        self.policy, self.normalizer, _cfg, _meta, self.encoder = load_policy(run_dir, self.dev)
+        self.table = self.policy.decode_table()
+        self.gen = torch.Generator(device=self.dev).manual_seed(seed)
+        self.history = ObservationHistory(spec.obs_window)
+        self.goal = None
+        if spec.goal_dim:
+            g = spec.goal_vectors[spec.goal_names[0]] if spec.goal_names else self.normalizer.stats["goal"]["mean"]
+            self.goal = torch.from_numpy(self.normalizer.normalize("goal", g)[None].astype(np.float32)).to(self.dev)
+        self.sync = torch.cuda.synchronize if self.dev.type == "cuda" else (lambda: None)
+
+    def __call__(self, low: dict, imgs: dict) -> dict:
+        from vqbet_core.models.sampling import choose_codes, decode_codes
+        from vqbet_core.vision.fusion import fuse_observation
+
+        torch, spec, norm = self.torch, self.spec, self.normalizer
+        with torch.no_grad():
             t0 = time.perf_counter()
-            lowdim = {k: normalizer.normalize(k, v.reshape(1, -1)) for k, v in low.items()}
-            xs = {k: torch.from_numpy(spec.preprocess[k].to_model_input(spec.preprocess[k].crop_resize(f)[None])).to(dev)
+            lowdim = {k: norm.normalize(k, v.reshape(1, -1)) for k, v in low.items()}
+            xs = {k: torch.from_numpy(spec.preprocess[k].to_model_input(spec.preprocess[k].crop_resize(f)[None])).to(self.dev)
                   for k, f in imgs.items()}
-            sync()
+            self.sync()
             t1 = time.perf_counter()
-            feats = {k: encoder(x).cpu().numpy() for k, x in xs.items()}
+            feats = {k: self.encoder(x).cpu().numpy() for k, x in xs.items()}
             t2 = time.perf_counter()
-            feats = {k: normalizer.normalize(k, v) for k, v in feats.items()}
-            hist = history.push(fuse_observation(lowdim, feats, spec.obs_keys, spec.image_keys)[0].astype(np.float32))
-            x = torch.from_numpy(hist[None]).to(dev)
-            sync()
+            feats = {k: norm.normalize(k, v) for k, v in feats.items()}
+            hist = self.history.push(fuse_observation(lowdim, feats, spec.obs_keys, spec.image_keys)[0].astype(np.float32))
+            x = torch.from_numpy(hist[None]).to(self.dev)
+            self.sync()
             t3 = time.perf_counter()
-            heads = policy.heads(x, goal)
-            sync()
+            heads = self.policy.heads(x, self.goal)
+            self.sync()
             t4 = time.perf_counter()
-            codes = choose_codes(heads, spec.temperature, gen, spec.sequential)
-            chunk = decode_codes(heads, table, codes, spec.action_chunk, spec.action_dim)[0].cpu().numpy()
-            normalizer.unnormalize("action", chunk)
+            codes = choose_codes(heads, spec.temperature, self.gen, spec.sequential)
+            chunk = decode_codes(heads, self.table, codes, spec.action_chunk, spec.action_dim)[0].cpu().numpy()
+            norm.unnormalize("action", chunk)
             t5 = time.perf_counter()
-            if i >= warmup:
-                for k, v in (("preprocess", (t1 - t0) + (t3 - t2)), ("encoder", t2 - t1), ("policy", t4 - t3),
-                             ("sample_decode", t5 - t4), ("total", t5 - t0)):
-                    samples[k].append(v * 1e3)
-    return _percentiles({k: v for k, v in samples.items() if k != "encoder" or spec.image_keys})
+        return {"preprocess": 1e3 * ((t1 - t0) + (t3 - t2)), "encoder": 1e3 * (t2 - t1), "policy": 1e3 * (t4 - t3),
+                "sample_decode": 1e3 * (t5 - t4), "total": 1e3 * (t5 - t0)}
+
+
+def bench_pair(runtime: RuntimeStepper, torch_side: TorchStepper | None, obs: list, warmup: int,
+               block: int = 20) -> tuple[dict, dict | None]:
+    """Runtime and torch in alternating blocks of ``block`` steps (same observations), so load changes on a
+    shared machine hit both alike while neither side's spinning worker threads slow the other's every step."""
+    rt_samples: dict[str, list[float]] = {}
+    th_samples: dict[str, list[float]] = {}
+    for start in range(0, len(obs), block):
+        for side, samples in ((runtime, rt_samples), (torch_side, th_samples)):
+            if side is None:
+                continue
+            for i in range(start, min(start + block, len(obs))):
+                r = side(*obs[i])
+                if i >= warmup:
+                    for k, v in r.items():
+                        samples.setdefault(k, []).append(v)
+    if not runtime.rt.spec.image_keys:
+        rt_samples.pop("encoder", None)
+        th_samples.pop("encoder", None)
+    return _percentiles(rt_samples), (_percentiles(th_samples) if torch_side is not None else None)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -167,19 +193,24 @@ def main(argv: list[str] | None = None) -> int:
                 export_model(run_dir, model_dir, parity_steps=2, image_size=size)
             sub = load_spec(model_dir, verify_hashes=False)
             obs = _observations(sub, n, tuple(args.raw_size) if args.raw_size else None)
-            rt_res, providers = bench_runtime(model_dir, obs, args.warmup, args.threads, args.providers)
-            entry = {"image_size": None if size is None else [size, size],
-                     "raw_frame": None if not sub.image_keys else list(args.raw_size or sub.preprocess[sub.image_keys[0]].size),
-                     "providers": providers, "runtime_ms": rt_res}
-            total = rt_res["total"]["p50"]
-            entry["outside_graphs_fraction"] = round(rt_res["outside_graphs_ms"]["p50"] / total, 4) if total else None
+            runtime = RuntimeStepper(model_dir, args.threads, args.providers)
+            providers = runtime.rt.providers
+            torch_side, device = None, None
             if have_ckpt:
                 device = args.torch_device
                 if device == "auto":
                     device = "cuda" if "CUDAExecutionProvider" in providers else "cpu"
+                torch_side = TorchStepper(run_dir, sub, args.threads, device)
+            rt_res, th_res = bench_pair(runtime, torch_side, obs, args.warmup)
+            entry = {"image_size": None if size is None else [size, size],
+                     "raw_frame": None if not sub.image_keys else list(args.raw_size or sub.preprocess[sub.image_keys[0]].size),
+                     "providers": providers, "runtime_ms": rt_res}
+            total = rt_res["total"]["p50"]
+            entry["outside_graphs_fraction"] = round(rt_res["outside_graphs"]["p50"] / total, 4) if total else None
+            if th_res is not None:
                 entry["torch_device"] = device
-                entry["torch_eager_ms"] = t_res = bench_torch(run_dir, sub, obs, args.warmup, args.threads, device)
-                entry["speedup"] = round(t_res["total"]["p50"] / total, 3) if total else None
+                entry["torch_eager_ms"] = th_res
+                entry["speedup"] = round(th_res["total"]["p50"] / total, 3) if total else None
                 result["speedup"][label] = entry["speedup"]
             result["results"][label] = entry
     if not have_ckpt:

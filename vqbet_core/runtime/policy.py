@@ -10,6 +10,7 @@ steps and the helpers (``Normalizer``, ``ImagePreprocess``, ``fuse_observation``
 from __future__ import annotations
 
 import logging
+import math
 import time
 from pathlib import Path
 
@@ -136,9 +137,9 @@ class PolicyRuntime:
         for key in spec.obs_keys:
             value = np.asarray(lowdim[key], dtype=np.float32)
             d = spec.obs_dims[key]
-            if value.shape not in ((d,), (1, d)):
+            if value.size != d or value.ndim > 2 or value.shape[-1:] != (d,):
                 raise VqbetError(f"observation '{key}': expected shape ({d},), got {value.shape}")
-            if not np.all(np.isfinite(value)):
+            if not np.isfinite(value).all():
                 raise VqbetError(f"observation '{key}': contains non-finite values (NaN or inf)")
             out[key] = self.normalizer.normalize(key, value.reshape(1, d))
         return out
@@ -170,7 +171,7 @@ class PolicyRuntime:
     def observe(self, lowdim: dict, images: dict | None = None, stamp: float = 0.0) -> None:
         """Push one observation step (raw units; camera frames raw RGB uint8). ``stamp``: its time in seconds."""
         stamp = float(stamp)
-        if not np.isfinite(stamp):
+        if not math.isfinite(stamp):
             raise VqbetError(f"observation stamp must be a finite time in seconds, got {stamp}")
         t0 = time.perf_counter()
         low = self._lowdim(lowdim or {})
