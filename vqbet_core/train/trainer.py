@@ -150,7 +150,8 @@ class Trainer:
             "data_hash": self.data.data_hash, "n_train_episodes": int(len(self.data.train_episodes)),
             "n_val_episodes": int(len(self.data.val_episodes)),
             "dataset_attrs": {k: v for k, v in self.data.dataset_attrs.items()
-                              if k in ("episode_modes", "episode_tasks", "joint_names", "control_hz", "source", "variant", "tasks", "cameras", "robot")},
+                              if k in ("episode_modes", "episode_tasks", "joint_names", "control_hz", "source", "variant", "tasks", "cameras", "robot",
+                                       "env", "env_args")},
         })
         self.log = MetricsLog(self.run_dir, self.is_main)
         self._opt_state = self._load_optimizer_state() if resume_state is not None else None
