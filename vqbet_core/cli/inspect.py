@@ -122,14 +122,16 @@ def save_plot(ds, out_png: str) -> None:
     lengths = np.diff(np.concatenate([[0], ds.episode_ends]))
     cameras = [k for k in ds.keys if is_image_key(k)]
     sheet = _contact_sheet(ds, cameras[0]) if cameras else None
-    fig = plt.figure(figsize=(8, 3 if sheet is None else 9))
-    ax = fig.add_subplot(1, 1, 1) if sheet is None else fig.add_subplot(3, 1, 1)
+    sheet_h = 0.0 if sheet is None else 8.0 * sheet.shape[0] / sheet.shape[1] + 0.4  # keep the frames' aspect
+    fig, axes = plt.subplots(1 if sheet is None else 2, 1, figsize=(8, 3 + sheet_h), squeeze=False,
+                             gridspec_kw={"height_ratios": [3] if sheet is None else [3, sheet_h]})
+    ax = axes[0, 0]
     ax.hist(lengths, bins=min(30, max(5, len(np.unique(lengths)))), color="tab:blue")
     ax.set_xlabel("episode length (steps)")
     ax.set_ylabel("episodes")
     ax.set_title(f"{ds.path.name}: {ds.n_episodes} episodes, {ds.n_steps} steps")
     if sheet is not None:
-        ax2 = fig.add_subplot(3, 1, (2, 3))
+        ax2 = axes[1, 0]
         ax2.imshow(sheet)
         ax2.set_axis_off()
         ax2.set_title(f"{cameras[0]}: rows = episodes, columns = start .. end")
