@@ -41,7 +41,7 @@ def image_goal_dataset(path: Path, episodes: int = 6, length: int = 10) -> Path:
                                    "goal_vectors": {"up": [0.0, 1.0], "down": [0.0, -1.0]}})
     for e in range(episodes):
         up = e % 2 == 0
-        pos, rows = np.zeros(2, np.float32), {"state": [], "action": [], "camera_front": [], "goal": []}
+        pos, rows = np.zeros(2, np.float32), {"state": [], "action": [], "camera_front": [], "camera_wrist": [], "goal": []}
         for t in range(length):
             a = np.array([0.1, 0.0] if t < length // 2 else [0.0, 0.1 if up else -0.1], np.float32)
             img = np.full((IMG, IMG, 3), 40, np.uint8)
@@ -49,9 +49,10 @@ def image_goal_dataset(path: Path, episodes: int = 6, length: int = 10) -> Path:
             rows["state"].append(pos.copy())
             rows["action"].append(a)
             rows["camera_front"].append(np.clip(img + rng.integers(0, 30, img.shape), 0, 255).astype(np.uint8))
+            rows["camera_wrist"].append(np.roll(rows["camera_front"][-1], t, axis=1))
             rows["goal"].append([0.0, 1.0 if up else -1.0])
             pos = pos + a
-        ds.add_episode({k: np.asarray(v, np.uint8 if k == "camera_front" else np.float32) for k, v in rows.items()})
+        ds.add_episode({k: np.asarray(v, np.uint8 if k.startswith("camera_") else np.float32) for k, v in rows.items()})
     return path
 
 
@@ -83,7 +84,7 @@ def models(work, multipath_data, image_data):
     specs = {
         "vqbet": (tiny_cfg("vqbet"), multipath_data),
         "bet": (tiny_cfg("bet"), multipath_data),
-        "image": (tiny_cfg("vqbet", image_keys=["camera_front"]), image_data),
+        "image": (tiny_cfg("vqbet", image_keys=["camera_front", "camera_wrist"]), image_data),
         "goal": (tiny_cfg("bet", goal_key="goal"), image_data),
     }
     out = {}
@@ -101,6 +102,7 @@ def observations(n: int, seed: int = 0, image: bool = False) -> list[dict]:
         o = {"state": (rng.standard_normal(2) + [2.0, 2.0]).astype(np.float32)}
         if image:
             o["camera_front"] = rng.integers(0, 256, size=(IMG, IMG, 3), dtype=np.uint8)
+            o["camera_wrist"] = rng.integers(0, 256, size=(IMG, IMG, 3), dtype=np.uint8)
         obs.append(o)
     return obs
 
@@ -121,7 +123,7 @@ def test_export_writes_checked_folder_with_parity(models, name):
     assert meta["data_hash"] and meta["versions"]["onnxruntime"] and meta["export"]["parity"]["max_abs_error"] < 1e-4
     assert meta["codes"]["layers"] == (1 if meta["kind"] == "bet" else 2)
     if name == "image":
-        assert meta["images"]["camera_front"]["size"] == [IMG, IMG] and meta["obs_dim"] == 2 + 512
+        assert meta["images"]["camera_wrist"]["size"] == [IMG, IMG] and meta["obs_dim"] == 2 + 2 * 512
         assert report["parity"]["encoder_max_abs_error"] < 1e-4
     if name in ("image", "goal"):
         assert meta["joint_names"] == ["joint_a", "joint_b"] and meta["control_hz"] == 5.0
@@ -166,9 +168,9 @@ def test_chunk_times_latency_drop_and_history_holds_features(models):
     assert rt.spec.control_hz == 5.0 and rt.providers[-1] == "CPUExecutionProvider"
     obs = observations(4, image=True)
     for k, o in enumerate(obs):
-        rt.observe({"state": o["state"]}, {"camera_front": o["camera_front"]}, stamp=100.0 + 0.2 * k)
-    # the history holds fused feature vectors (state + 512), not images
-    assert rt.history.stacked().shape == (3, 2 + 512)
+        rt.observe({"state": o["state"]}, {c: o[c] for c in ("camera_front", "camera_wrist")}, stamp=100.0 + 0.2 * k)
+    # the history holds fused feature vectors (state + 2 cameras x 512), not images
+    assert rt.history.stacked().shape == (3, 2 + 2 * 512)
     chunk = rt.predict()
     np.testing.assert_allclose(chunk.times, 100.6 + 0.2 * np.arange(3))
     assert chunk.stamp == pytest.approx(100.6) and chunk.actions.shape == (3, 2) and chunk.actions.dtype == np.float32
@@ -177,7 +179,7 @@ def test_chunk_times_latency_drop_and_history_holds_features(models):
     late = rt.predict(now=100.6 + 0.25)  # inference took longer than one period: point 0 is skipped
     np.testing.assert_allclose(late.times, 100.6 + 0.2 * np.arange(1, 3))
     # a bigger raw frame is cropped/resized by the model's preprocessing
-    rt.observe({"state": obs[0]["state"]}, {"camera_front": np.zeros((48, 64, 3), np.uint8)}, stamp=101.0)
+    rt.observe({"state": obs[0]["state"]}, {"camera_front": np.zeros((48, 64, 3), np.uint8), "camera_wrist": obs[0]["camera_wrist"]}, 101.0)
     # predict_blended keeps the running blend; reset clears it
     rt.predict_blended()
     assert rt.blended is not None
@@ -209,7 +211,8 @@ def test_runtime_does_not_import_torch(models):
         "from vqbet_core.runtime import PolicyRuntime, blend_chunks, drop_past\n"
         "from vqbet_core.runtime.agent import RuntimeAgent\n"
         f"rt = PolicyRuntime({str(folder)!r})\n"
-        "rt.observe({'state': np.zeros(2)}, {'camera_front': np.zeros((32, 32, 3), np.uint8)}, 0.0)\n"
+        "im = np.zeros((32, 32, 3), np.uint8)\n"
+        "rt.observe({'state': np.zeros(2)}, {'camera_front': im, 'camera_wrist': im}, 0.0)\n"
         "c = drop_past(blend_chunks(None, rt.predict()), 0.0)\n"
         "assert c.actions.shape == (3, 2)\n"
         "print('torch' in sys.modules)\n"
@@ -323,14 +326,15 @@ def test_metadata_that_contradicts_the_graph(copy_of):
 def test_wrong_observations_at_run_time(models):
     rt = PolicyRuntime(models["image"][1])
     frame = np.zeros((IMG, IMG, 3), np.uint8)
+    cams = {"camera_front": frame, "camera_wrist": frame}
     bad = [
-        ({"state": np.zeros(3)}, {"camera_front": frame}, "'state': expected shape (2,)"),
-        ({}, {"camera_front": frame}, "do not match the model's low-dim keys"),
-        ({"state": np.zeros(2), "extra": np.zeros(1)}, {"camera_front": frame}, "do not match"),
-        ({"state": np.array([np.nan, 0.0])}, {"camera_front": frame}, "non-finite"),
-        ({"state": np.zeros(2)}, {}, "do not match the model's cameras"),
-        ({"state": np.zeros(2)}, {"camera_front": frame.astype(np.float32)}, "image 'camera_front': image must be RGB uint8"),
-        ({"state": np.zeros(2)}, {"camera_front": frame[:, :, :1]}, "image must be RGB uint8"),
+        ({"state": np.zeros(3)}, cams, "'state': expected shape (2,)"),
+        ({}, cams, "do not match the model's low-dim keys"),
+        ({"state": np.zeros(2), "extra": np.zeros(1)}, cams, "do not match"),
+        ({"state": np.array([np.nan, 0.0])}, cams, "non-finite"),
+        ({"state": np.zeros(2)}, {"camera_front": frame}, "do not match the model's cameras"),
+        ({"state": np.zeros(2)}, {**cams, "camera_wrist": frame.astype(np.float32)}, "image 'camera_wrist': image must be RGB uint8"),
+        ({"state": np.zeros(2)}, {**cams, "camera_front": frame[:, :, :1]}, "image must be RGB uint8"),
     ]
     for lowdim, images, text in bad:
         with pytest.raises(VqbetError) as e:
@@ -350,6 +354,18 @@ def test_wrong_observations_at_run_time(models):
         rt.set_goal([0.0, 1.0])
     with pytest.raises(VqbetError, match="providers"):
         PolicyRuntime(models["vqbet"][1], providers=["NoSuchExecutionProvider"])
+
+
+def test_provider_preference_and_explicit_choice(monkeypatch):
+    import onnxruntime as ort
+
+    from vqbet_core.runtime.policy import resolve_providers
+
+    assert resolve_providers(None)[-1] == "CPUExecutionProvider"
+    assert resolve_providers(["CPUExecutionProvider"]) == ["CPUExecutionProvider"]
+    gpu_build = ["CUDAExecutionProvider", "AzureExecutionProvider", "TensorrtExecutionProvider", "CPUExecutionProvider"]
+    monkeypatch.setattr(ort, "get_available_providers", lambda: gpu_build)  # what onnxruntime-gpu with TensorRT reports
+    assert resolve_providers(None) == ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
 
 
 def test_export_cli_errors_are_one_line(tmp_path, models, capsys):
