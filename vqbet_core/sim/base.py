@@ -89,6 +89,20 @@ class SimEnv(ABC):
     def close(self) -> None:
         pass
 
+    # ------------------------------------------------------------------ joint-space robot protocol (optional)
+    # Lets ``vqbet_core.sim.robot.SimRobot`` (and over ROS 2, ``sim_robot_node``) drive the env the way
+    # ``joint_trajectory_controller`` drives an arm: joint position targets in, measured joints out.
+    joint_names: list[str] = []  # empty = not drivable as a robot
+    action_is_joint_target: bool = False  # True when ``step``'s action is the joint targets (joint_names order)
+
+    def joint_positions(self) -> np.ndarray:
+        """Measured joint positions, in ``joint_names`` order."""
+        raise NotImplementedError(f"env '{self.name}' is not drivable as a robot (no joint_names)")
+
+    def step_joints(self, targets: np.ndarray) -> tuple[dict, bool]:
+        """One control step towards joint position ``targets`` (``joint_names`` order); like ``step``."""
+        raise NotImplementedError(f"env '{self.name}' is not drivable as a robot (no joint_names)")
+
 
 def mode_frequencies(modes: list[str | None], keys: list[str] | None = None) -> dict[str, float]:
     """Fraction of each mode label (keys sorted; ``None`` counted as ``"none"``)."""

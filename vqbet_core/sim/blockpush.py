@@ -12,6 +12,13 @@ the end of the episode at least one block / both blocks sit in (distinct) target
 within ``goal_tolerance`` of the target centre). The mode label is read from what happened, so
 policy rollouts get one too: blocks that end in a target, ordered by when they entered it, e.g.
 ``"b0->t1,b1->t0"``.
+
+Robot view (``action_mode="target"``): the pusher is a planar gantry with joints ``pusher_x`` and
+``pusher_y``; the action is the absolute pusher target (the joint position targets a trajectory
+controller receives) and the observation gains ``robot_joint`` (the measured pusher xy). The default
+``"delta"`` keeps the original displacement action. Both modes move the pusher identically (targets are
+reached at most ``MAX_STEP`` per control step), so a target-mode dataset deploys through the ROS policy
+node and ``sim_robot_node`` unchanged.
 """
 
 from __future__ import annotations
@@ -32,6 +39,8 @@ MAX_STEP = 0.03  # max effector displacement per control step (0.3 m/s at 10 Hz)
 SIM_HZ = 240
 BLOCK_COLORS = [(0.85, 0.15, 0.15, 1.0), (0.15, 0.65, 0.2, 1.0)]  # b0 red, b1 green
 TARGET_COLORS = [(1.0, 0.6, 0.6, 1.0), (0.6, 0.95, 0.6, 1.0)]  # t0 pale red, t1 pale green
+JOINT_NAMES = ["pusher_x", "pusher_y"]
+ACTION_MODES = ("delta", "target")
 MODES = ["b0->t0,b1->t1", "b0->t1,b1->t0", "b1->t0,b0->t1", "b1->t1,b0->t0"]
 STATE_LAYOUT = [
     ("block0_xy", 2), ("block0_yaw", 1), ("block1_xy", 2), ("block1_yaw", 1),
@@ -49,9 +58,12 @@ class BlockPushEnv(SimEnv):
     """Push two blocks into two target squares, any assignment (4 expert modes)."""
 
     name = "blockpush"
+    joint_names = JOINT_NAMES
 
     def __init__(self, image_size: int | None = None, max_steps: int = 350, control_hz: float = 10.0,
-                 goal_tolerance: float = 0.05, render_size: int = 256):
+                 goal_tolerance: float = 0.05, render_size: int = 256, action_mode: str = "delta"):
+        if action_mode not in ACTION_MODES:
+            raise VqbetError(f"blockpush action_mode={action_mode!r}: expected one of {list(ACTION_MODES)}")
         if image_size is not None and (not isinstance(image_size, (int, np.integer)) or image_size < 16):
             raise VqbetError(f"blockpush image_size={image_size!r}: expected an integer >= 16 or None")
         if not isinstance(max_steps, (int, np.integer)) or max_steps < 1:
@@ -71,6 +83,8 @@ class BlockPushEnv(SimEnv):
         self.control_hz = float(control_hz)
         self.goal_tolerance = float(goal_tolerance)
         self.substeps = int(SIM_HZ // control_hz)
+        self.action_mode = action_mode
+        self.action_is_joint_target = action_mode == "target"
         self._rng = np.random.default_rng()
         self._t = 0
         self._ids: dict = {}
@@ -78,7 +92,7 @@ class BlockPushEnv(SimEnv):
     # ------------------------------------------------------------------ interface
     @property
     def obs_keys(self) -> list[str]:
-        return ["state"]
+        return ["state", "robot_joint"] if self.action_is_joint_target else ["state"]
 
     @property
     def image_keys(self) -> list[str]:
@@ -98,17 +112,22 @@ class BlockPushEnv(SimEnv):
             "control_hz": self.control_hz,
             "obs_keys": self.obs_keys,
             "state_layout": [[name, size] for name, size in STATE_LAYOUT],
-            "action_meaning": "effector target displacement (dx, dy) in metres per step",
+            "action_meaning": ("absolute effector target (x, y) in metres = joint targets (pusher_x, pusher_y)"
+                               if self.action_is_joint_target else "effector target displacement (dx, dy) in metres per step"),
+            "action_mode": self.action_mode,
             "max_action_step": MAX_STEP,
             "goal_tolerance": self.goal_tolerance,
             "modes": MODES,
         }
         if self.image_size is not None:
             attrs["cameras"] = {"front": {"height": self.image_size, "width": self.image_size}}
+        if self.action_is_joint_target:
+            attrs["joint_names"] = list(JOINT_NAMES)
+            attrs["robot"] = "blockpush_sim"
         return attrs
 
     def make_expert(self) -> "BlockPushExpert":
-        return BlockPushExpert()
+        return BlockPushExpert(absolute=self.action_is_joint_target)
 
     # ------------------------------------------------------------------ scene
     def _build_scene(self) -> None:
@@ -186,9 +205,25 @@ class BlockPushEnv(SimEnv):
         return self._obs()
 
     def step(self, action: np.ndarray) -> tuple[dict, bool]:
+        if self.action_is_joint_target:
+            return self.step_joints(action)
         a = np.asarray(action, dtype=np.float64).reshape(-1)
         if a.shape != (2,) or not np.all(np.isfinite(a)):
             raise VqbetError(f"blockpush action {np.asarray(action).tolist()!r}: expected 2 finite numbers (dx, dy)")
+        return self._move(a)
+
+    def step_joints(self, targets: np.ndarray) -> tuple[dict, bool]:
+        """Move the pusher towards the absolute target (pusher_x, pusher_y), at most ``MAX_STEP`` this step."""
+        t = np.asarray(targets, dtype=np.float64).reshape(-1)
+        if t.shape != (2,) or not np.all(np.isfinite(t)):
+            raise VqbetError(f"blockpush joint targets {np.asarray(targets).tolist()!r}: expected 2 finite numbers "
+                             f"({', '.join(JOINT_NAMES)})")
+        return self._move(np.clip(t, WORKSPACE[0], WORKSPACE[1]) - self.effector_target)
+
+    def joint_positions(self) -> np.ndarray:
+        return self.effector_xy()
+
+    def _move(self, a: np.ndarray) -> tuple[dict, bool]:
         norm = float(np.linalg.norm(a))
         if norm > MAX_STEP:
             a = a * (MAX_STEP / norm)
@@ -240,6 +275,8 @@ class BlockPushEnv(SimEnv):
 
     def _obs(self) -> dict:
         obs = {"state": self._state()}
+        if self.action_is_joint_target:
+            obs["robot_joint"] = self.effector_xy().astype(np.float32)
         if self.image_size is not None:
             obs["camera_front"] = self._camera(self.image_size, self.image_size)
         return obs
@@ -322,6 +359,16 @@ class BlockPushExpert(Expert):
 
     PLACE_TOL = 0.02  # push until the block centre is this close to the target (env counts 0.05)
 
+    def __init__(self, absolute: bool = False):
+        self.absolute = bool(absolute)  # act() returns the absolute effector target instead of the displacement
+
+    def act(self, obs: dict) -> np.ndarray:
+        delta = self._act(obs)
+        if not self.absolute:
+            return delta
+        target = np.asarray(obs["state"], np.float64)[8:10] + delta  # effector_target_xy + displacement
+        return np.clip(target, WORKSPACE[0], WORKSPACE[1]).astype(np.float32)
+
     def reset(self, env: SimEnv, rng: np.random.Generator) -> None:
         self.rng = rng
         self.mode_index = int(rng.integers(4))
@@ -398,7 +445,7 @@ class BlockPushExpert(Expert):
                 return other + n * 0.095
         return target
 
-    def act(self, obs: dict) -> np.ndarray:
+    def _act(self, obs: dict) -> np.ndarray:
         blocks, yaws, eff, targets = self._parse(np.asarray(obs["state"]))
         tol = self.PLACE_TOL
         while self.job < 2:

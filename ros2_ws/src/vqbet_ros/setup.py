@@ -25,6 +25,8 @@ setup(
             "record_keyboard = vqbet_ros.record_keyboard:main",
             "fake_streams = vqbet_ros.fake_streams:main",
             "policy_node = vqbet_ros.policy_node:main",
+            "sim_robot_node = vqbet_ros.sim_robot_node:main",
+            "scripted_teleop_node = vqbet_ros.scripted_teleop_node:main",
         ],
     },
 )

@@ -1,0 +1,59 @@
+"""The whole loop on a simulated robot: ``ros2 launch vqbet_bringup sim.launch.py model:=models/NAME``.
+
+``mode:=policy`` (default): sim_robot_node + policy_node (enabled at start) - the exported model drives the
+simulated arm over the same topics as on hardware. ``mode:=record``: sim_robot_node + scripted_teleop_node +
+recorder_node - the env's scripted expert teleoperates the simulated arm and the recorder writes
+``output:=D.zarr`` (``episodes:=N``, then the teleop node exits), the record -> train path without hardware.
+Parameters come from config/sim.yaml (override with params_file:=...); the policy node also reads
+config/policy.yaml first. ``calibration`` defaults to the block-push gantry's file, relative to the
+repository root.
+"""
+
+from launch import LaunchDescription
+from launch.actions import DeclareLaunchArgument
+from launch.conditions import IfCondition
+from launch.substitutions import EqualsSubstitution, LaunchConfiguration, PathJoinSubstitution
+from launch_ros.actions import Node
+from launch_ros.parameter_descriptions import ParameterValue
+from launch_ros.substitutions import FindPackageShare
+
+CONFIG = PathJoinSubstitution([FindPackageShare("vqbet_bringup"), "config"])
+IS_POLICY = EqualsSubstitution(LaunchConfiguration("mode"), "policy")  # "true" / "false"
+POLICY = IfCondition(IS_POLICY)
+RECORD = IfCondition(EqualsSubstitution(LaunchConfiguration("mode"), "record"))
+
+
+def generate_launch_description():
+    params = LaunchConfiguration("params_file")
+    return LaunchDescription([
+        DeclareLaunchArgument("mode", default_value="policy", choices=["policy", "record"],
+                              description="policy: run a model on the simulated robot; record: scripted teleop + recorder"),
+        DeclareLaunchArgument("model", default_value="", description="exported model folder (mode:=policy)"),
+        DeclareLaunchArgument("output", default_value="sim_demos.zarr", description="dataset to write (mode:=record)"),
+        DeclareLaunchArgument("episodes", default_value="10", description="episodes to record (mode:=record; 0 = until stopped)"),
+        DeclareLaunchArgument("calibration", default_value="calibration/blockpush_sim.yaml",
+                              description="calibration YAML of the simulated robot (joint names, limits, camera)"),
+        DeclareLaunchArgument("params_file", default_value=PathJoinSubstitution([CONFIG, "sim.yaml"]),
+                              description="parameters of the simulator, teleop and policy nodes"),
+        DeclareLaunchArgument("seed", default_value="1000", description="env seed of the first episode"),
+        Node(package="vqbet_ros", executable="sim_robot_node", name="sim_robot_node",
+             parameters=[params, {"seed": ParameterValue(LaunchConfiguration("seed"), value_type=int),
+                                  "autostart": ParameterValue(IS_POLICY, value_type=bool),
+                                  "auto_reset": ParameterValue(IS_POLICY, value_type=bool)}],
+             output="screen", emulate_tty=True),
+        Node(package="vqbet_ros", executable="policy_node", name="policy_node", condition=POLICY,
+             parameters=[PathJoinSubstitution([CONFIG, "policy.yaml"]), params,
+                         {"model": ParameterValue(LaunchConfiguration("model"), value_type=str),
+                          "calibration": ParameterValue(LaunchConfiguration("calibration"), value_type=str),
+                          "enabled": True}],
+             output="screen", emulate_tty=True),
+        Node(package="vqbet_ros", executable="scripted_teleop_node", name="scripted_teleop_node", condition=RECORD,
+             parameters=[params, {"recorder": "/recorder_node", "sim_node": "/sim_robot_node",
+                                  "episodes": ParameterValue(LaunchConfiguration("episodes"), value_type=int)}],
+             output="screen", emulate_tty=True),
+        Node(package="vqbet_ros", executable="recorder_node", name="recorder_node", condition=RECORD,
+             parameters=[PathJoinSubstitution([CONFIG, "recorder.yaml"]),
+                         {"output": ParameterValue(LaunchConfiguration("output"), value_type=str),
+                          "calibration": ParameterValue(LaunchConfiguration("calibration"), value_type=str)}],
+             output="screen", emulate_tty=True),
+    ])

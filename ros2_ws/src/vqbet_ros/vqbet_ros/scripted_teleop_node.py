@@ -1,0 +1,257 @@
+"""scripted_teleop_node: the env's scripted expert as a teleoperator of ``sim_robot_node``.
+
+Why: it closes the record -> train path without hardware. It reads the simulated world from
+``/sim/state`` (``sim_robot_node.STATE_HEADER`` + the env's low-dim observation), runs the env's scripted
+expert on it and publishes the expert's joint targets on ``/teleop/joint_command`` (sensor_msgs/JointState),
+exactly what a human's teleop device would send, so ``recorder_node`` records them as ``action``. Each
+command carries the stamp of the state it answers, so a recorder sampling by header stamps pairs every
+observation with the command given for it.
+
+The expert of an episode is reset from the episode's seed (``rng([seed, 1])``, as ``vqbet sim-demos``
+does) on a local copy of the env reset to the same seed, so env-specific experts see the same world.
+The env must take joint targets as its action (``action_is_joint_target``, e.g. blockpush with
+``action_mode: target``).
+
+Recording (optional, ``recorder`` parameter set): the node also plays the operator at the recorder's
+buttons - ``~/reset`` the simulator, ``start_episode``, teleoperate until ``/sim/episode_result``, then
+``end_episode`` (or ``discard_episode`` for a failed one unless ``keep_failed``) - until ``episodes`` are
+recorded; with ``exit_when_done`` the process then exits (status 0).
+
+Run: ``ros2 run vqbet_ros scripted_teleop_node --ros-args -p env:=blockpush -p env_args:="{action_mode: target}"``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+
+from vqbet_core.errors import VqbetError
+from vqbet_ros.sim_robot_node import STATE_HEADER, make_sim_env, parse_env_args
+
+H = {name: i for i, name in enumerate(STATE_HEADER)}
+
+
+class ExpertDriver:
+    """ROS-free core: /sim/state vectors in, expert joint targets out (one per new step of a running episode)."""
+
+    def __init__(self, env):
+        if not getattr(env, "action_is_joint_target", False):
+            raise VqbetError(f"env '{env.name}': its action is not joint targets, so its expert cannot teleoperate "
+                             "the robot (for blockpush set env_args action_mode: target)")
+        self.env = env
+        self.joint_names = list(env.joint_names)
+        self.expert = env.make_expert()
+        obs = env.reset(seed=0)
+        self.keys = list(env.obs_keys)
+        self.shapes = [np.asarray(obs[k]).shape for k in self.keys]
+        self.size = sum(int(np.prod(s)) for s in self.shapes)
+        self.episode: tuple[int, int] | None = None  # (episode, seed) the expert was reset for
+        self.last_step = -1
+
+    def observation(self, body: np.ndarray) -> dict:
+        if body.size != self.size:
+            raise ValueError(f"/sim/state carries {body.size} state values, env '{self.env.name}' {self.keys} has {self.size}")
+        obs, i = {}, 0
+        for key, shape in zip(self.keys, self.shapes):
+            n = int(np.prod(shape))
+            obs[key] = body[i : i + n].reshape(shape).astype(np.float32)
+            i += n
+        return obs
+
+    def act(self, data) -> tuple[np.ndarray, int] | None:
+        """One /sim/state message -> (joint targets, stamp ns), or None when there is nothing to do."""
+        data = np.asarray(data, np.float64)
+        if data.size < len(STATE_HEADER):
+            raise ValueError(f"/sim/state has {data.size} values, fewer than its {len(STATE_HEADER)} header fields")
+        episode, seed, step = int(data[H["episode"]]), int(data[H["seed"]]), int(data[H["step"]])
+        if not data[H["running"]]:
+            return None
+        if self.episode != (episode, seed):
+            self.env.reset(seed=seed)  # same world as the simulator, for experts that look at the env
+            self.expert.reset(self.env, np.random.default_rng([seed, 1]))
+            self.episode, self.last_step = (episode, seed), -1
+        if step <= self.last_step:  # the simulator did not step since the last command
+            return None
+        self.last_step = step
+        target = np.asarray(self.expert.act(self.observation(data[len(STATE_HEADER):])), np.float64).reshape(-1)
+        if target.size != len(self.joint_names) or not np.all(np.isfinite(target)):
+            raise ValueError(f"expert gave {target.tolist()} for joints {self.joint_names}")
+        stamp_ns = int(data[H["stamp_sec"]]) * 1_000_000_000 + int(data[H["stamp_nanosec"]])
+        return target, stamp_ns
+
+
+def make_node_class():
+    from rcl_interfaces.msg import ParameterDescriptor
+    from rclpy.node import Node
+    from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
+    from sensor_msgs.msg import JointState
+    from std_msgs.msg import Float64MultiArray, String
+    from std_srvs.srv import Trigger
+
+    from vqbet_ros import ros_convert
+
+    class ScriptedTeleopNode(Node):
+        def __init__(self, **kwargs):
+            super().__init__("scripted_teleop_node", **kwargs)
+            p = self.p = self._declare_parameters()
+            if p["episodes"] < 0:
+                raise VqbetError(f"parameter episodes must be >= 0 (0 = until stopped), got {p['episodes']}")
+            self.env = make_sim_env(p["env"], parse_env_args(p["env_args"]))
+            self.driver = ExpertDriver(self.env)
+            reliable = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
+            self.command_pub = self.create_publisher(JointState, p["command_topic"], reliable)
+            self.create_subscription(Float64MultiArray, p["state_topic"], self._on_state, reliable)
+            self.commands = 0
+            self.finished = False
+            log = self.get_logger()
+            # recording: a small state machine over async service calls (the executor never blocks)
+            self.recording = bool(p["recorder"])
+            if self.recording:
+                rec = p["recorder"].rstrip("/")
+                self.services_ = {name: self.create_client(Trigger, srv) for name, srv in (
+                    ("reset", f"{p['sim_node'].rstrip('/')}/reset"), ("start", f"{rec}/start_episode"),
+                    ("end", f"{rec}/end_episode"), ("discard", f"{rec}/discard_episode"))}
+                self.phase = "waiting"  # waiting for services | resetting | starting | recording | ending | done
+                self.recorded = 0
+                self.current: int | None = None  # sim episode being recorded
+                self.create_subscription(String, p["result_topic"], self._on_result, QoSProfile(
+                    depth=20, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL))
+                self.create_timer(0.2, self._poll_services)
+                log.info(f"recording {p['episodes'] or 'unlimited'} episodes through {rec}")
+            log.info(f"expert of env {p['env']} teleoperating joints {self.driver.joint_names} on {p['command_topic']}")
+
+        def _declare_parameters(self) -> dict:
+            def declare(name, default, description):
+                return self.declare_parameter(name, default, ParameterDescriptor(description=description)).value
+
+            return {
+                "env": declare("env", "blockpush", "simulated env: the same as sim_robot_node's"),
+                "env_args": declare("env_args", "", "env arguments (YAML mapping): the same as sim_robot_node's"),
+                "state_topic": declare("state_topic", "/sim/state", "simulator state in (Float64MultiArray)"),
+                "command_topic": declare("command_topic", "/teleop/joint_command", "joint targets out (JointState)"),
+                "result_topic": declare("result_topic", "/sim/episode_result", "episode outcomes in (String, JSON)"),
+                "recorder": declare("recorder", "", "recorder node to drive (e.g. /recorder_node); empty = teleop only"),
+                "sim_node": declare("sim_node", "/sim_robot_node", "simulator node whose ~/reset starts episodes"),
+                "episodes": declare("episodes", 0, "episodes to record; 0 = until stopped"),
+                "keep_failed": declare("keep_failed", False, "commit episodes the expert failed (default: discard)"),
+                "exit_when_done": declare("exit_when_done", False, "exit once the episodes are recorded"),
+            }
+
+        # -------------------------------------------------------------- teleop
+        def _on_state(self, msg) -> None:
+            try:
+                out = self.driver.act(msg.data)
+            except (ValueError, VqbetError) as exc:
+                self.get_logger().warning(f"skipped a /sim/state message: {exc}", throttle_duration_sec=5.0)
+                return
+            if out is None or (self.recording and self.phase == "done"):
+                return
+            target, stamp_ns = out
+            self.command_pub.publish(ros_convert.joint_state(self.driver.joint_names, target, stamp_ns))
+            self.commands += 1
+
+        # -------------------------------------------------------------- recording
+        def _poll_services(self) -> None:
+            if self.phase == "waiting" and all(c.service_is_ready() for c in self.services_.values()):
+                self.get_logger().info("simulator and recorder services are up")
+                self._next_episode()
+
+        def _call(self, name: str, then) -> None:
+            from std_srvs.srv import Trigger
+
+            future = self.services_[name].call_async(Trigger.Request())
+            future.add_done_callback(lambda f: self._answered(name, f, then))
+
+        def _answered(self, name: str, future, then) -> None:
+            try:
+                response = future.result()
+            except Exception as exc:  # noqa: BLE001 - the service went away
+                self._fail(f"{name} call failed: {exc}")
+                return
+            then(response)
+
+        def _fail(self, why: str) -> None:
+            self.get_logger().error(f"recording stopped: {why}")
+            self.phase = "done"
+            self.finished = True
+
+        def _next_episode(self) -> None:
+            if self.p["episodes"] and self.recorded >= self.p["episodes"]:
+                self.phase = "done"
+                self.finished = True
+                self.get_logger().info(f"recorded {self.recorded} episodes: done")
+                return
+            self.phase = "resetting"
+            self._call("reset", self._on_reset_done)
+
+        def _on_reset_done(self, response) -> None:
+            if not response.success:
+                self._fail(f"simulator ~/reset refused: {response.message}")
+                return
+            self.current = int(json.loads(response.message)["episode"])
+            self.phase = "starting"
+            self._call("start", self._on_started)
+
+        def _on_started(self, response) -> None:
+            if not response.success:
+                self._fail(f"recorder start_episode refused: {response.message}")
+                return
+            self.phase = "recording"
+            self.get_logger().info(f"recording sim episode {self.current}: {response.message}")
+
+        def _on_result(self, msg) -> None:
+            try:
+                result = json.loads(msg.data)
+                episode, success = int(result["episode"]), bool(result["success"])
+            except (ValueError, KeyError, TypeError) as exc:
+                self.get_logger().warning(f"skipped a bad episode result: {exc}")
+                return
+            if self.phase != "recording" or episode != self.current:
+                return
+            self.phase = "ending"
+            keep = success or self.p["keep_failed"]
+            self._call("end" if keep else "discard", lambda r: self._on_ended(r, keep, result))
+
+        def _on_ended(self, response, kept: bool, result: dict) -> None:
+            log = self.get_logger()
+            if kept and response.success:
+                self.recorded += 1
+                log.info(f"sim episode {result['episode']} (success {result['success']}, mode {result.get('mode')}): "
+                         f"{response.message} [{self.recorded}/{self.p['episodes'] or '-'}]")
+            elif kept:
+                log.warning(f"sim episode {result['episode']} not committed: {response.message}")
+            else:
+                log.info(f"sim episode {result['episode']} failed: discarded ({response.message})")
+            self._next_episode()
+
+    return ScriptedTeleopNode
+
+
+def main(args=None) -> int:
+    import rclpy
+    from rclpy.executors import ExternalShutdownException
+
+    rclpy.init(args=args)
+    node, code = None, 0
+    try:
+        node = make_node_class()()
+        while rclpy.ok() and not (node.finished and node.p["exit_when_done"]):
+            rclpy.spin_once(node, timeout_sec=0.1)
+    except (KeyboardInterrupt, ExternalShutdownException):
+        pass
+    except VqbetError as exc:
+        print(f"scripted_teleop_node: error: {exc}", file=sys.stderr)
+        code = 2
+    finally:
+        if node is not None:
+            node.env.close()
+            node.destroy_node()
+        if rclpy.ok():
+            rclpy.shutdown()
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,345 @@
+"""sim_robot_node: a simulated arm (any ``vqbet_core.sim`` env with joint names) behind the ROS 2 topics of a real one.
+
+The policy and recorder nodes cannot tell it from hardware: it publishes ``/joint_states`` and camera
+images and takes ``trajectory_msgs/JointTrajectory`` on the controller's topic, which it executes like
+``joint_trajectory_controller`` (:class:`vqbet_core.sim.robot.SimRobot`: each trajectory replaces the
+running one, linear in time, hold at the end). Teleop targets (``sensor_msgs/JointState``) go in the
+same way, as one-point trajectories. The env steps once per control tick.
+
+Time: ticks run on the absolute grid of the node clock (multiples of ``1/control_hz``, the grid
+``recorder_node`` samples on); each tick steps the env with the target
+commanded at the tick's grid time and stamps everything it then publishes with that time. A policy
+that answers an observation stamped ``t`` with a chunk whose first point is due at ``t + 1/control_hz``
+(the policy node's convention) therefore gets exactly the step ``vqbet sim-demos`` recorded. A tick
+the timer misses (an overloaded machine) is not made up: simulated time then runs slower than the
+clock, and ``missed_ticks`` in ``/diagnostics`` counts it.
+
+Interfaces (topics are parameters, and remappable):
+  out  ``/joint_states`` (JointState, every tick), camera images (Image rgb8, ``camera_topic``, at ``camera_hz``,
+       when the env has cameras), ``/sim/state`` (Float64MultiArray, every tick: :data:`STATE_HEADER` then the
+       env's low-dim observation keys concatenated - what ``scripted_teleop_node`` acts on),
+       ``/sim/episode_result`` (String, JSON, when an episode ends; reliable + transient local), ``/diagnostics``
+  in   ``/arm_controller/joint_trajectory`` (JointTrajectory, joints by name), ``/teleop/joint_command``
+       (JointState position targets, by name)
+  srv  ``~/reset`` (std_srvs/Trigger: start a new episode with the next seed)
+
+Run: ``ros2 run vqbet_ros sim_robot_node --ros-args -p env:=blockpush -p env_args:="{action_mode: target, image_size: 96}"``
+or ``python -m vqbet_ros.sim_robot_node --ros-args ...``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+
+from vqbet_core.errors import VqbetError
+
+# /sim/state layout: these header fields, then the env's low-dim observation (obs_keys order, flattened)
+STATE_HEADER = ("episode", "seed", "step", "running", "stamp_sec", "stamp_nanosec")
+
+
+def parse_env_args(text: str) -> dict:
+    """The ``env_args`` parameter: a YAML mapping (``"{action_mode: target, image_size: 96}"``), empty = ``{}``."""
+    import yaml
+
+    if not text.strip():
+        return {}
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise VqbetError(f"parameter env_args is not valid YAML ({str(exc).splitlines()[0]}): {text!r}") from None
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise VqbetError(f"parameter env_args must be a YAML mapping like '{{image_size: 96}}', got {text!r}")
+    return value
+
+
+def make_sim_env(name: str, env_args: dict, control_hz: float = 0.0):
+    """``make_env`` with the node's parameters; a wrong keyword becomes one VqbetError line."""
+    from vqbet_core.sim import make_env
+
+    kwargs = dict(env_args)
+    if control_hz:
+        kwargs.setdefault("control_hz", float(control_hz))
+    try:
+        env = make_env(name, **kwargs)
+    except TypeError as exc:
+        raise VqbetError(f"parameter env_args {env_args} (control_hz {control_hz or 'default'}) not accepted by env "
+                         f"'{name}': {exc}") from None
+    if not getattr(env, "joint_names", None):
+        env.close()
+        raise VqbetError(f"parameter env: env '{name}' has no joint_names, so it cannot be driven as a robot")
+    return env
+
+
+def lowdim_vector(obs: dict, keys: list[str]) -> np.ndarray:
+    """The env's low-dim observation keys, flattened and concatenated (the body of ``/sim/state``)."""
+    return np.concatenate([np.asarray(obs[k], np.float64).reshape(-1) for k in keys]) if keys else np.zeros(0)
+
+
+def make_node_class():
+    """The rclpy node class (built lazily so the helpers above import without ROS)."""
+    from rcl_interfaces.msg import ParameterDescriptor
+    from rclpy.node import Node
+    from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
+    from sensor_msgs.msg import Image, JointState
+    from std_msgs.msg import Float64MultiArray, MultiArrayDimension, String
+    from std_srvs.srv import Trigger
+    from trajectory_msgs.msg import JointTrajectory
+
+    from vqbet_core.sim.robot import SimRobot, TrajectoryRejected
+    from vqbet_ros import ros_convert
+    from vqbet_ros.diagnostics import Diagnostics
+    from vqbet_ros.qos import qos_from_parameters
+
+    def stamp_s(stamp) -> float:
+        return stamp.sec + stamp.nanosec * 1e-9
+
+    class SimRobotNode(Node):
+        def __init__(self, **kwargs):
+            super().__init__("sim_robot_node", **kwargs)
+            p = self.p = self._declare_parameters()
+            if p["control_hz"] < 0 or p["camera_hz"] < 0:
+                raise VqbetError(f"parameters control_hz ({p['control_hz']}) and camera_hz ({p['camera_hz']}) must be "
+                                 ">= 0 (0 = the env's rate / every control tick)")
+            if p["seed"] < 0:
+                raise VqbetError(f"parameter seed must be >= 0, got {p['seed']}")
+            self.env_args = parse_env_args(p["env_args"])
+            self.env = make_sim_env(p["env"], self.env_args, p["control_hz"])
+            self.robot = SimRobot(self.env)
+            self.control_hz = self.robot.control_hz
+            self.period = 1.0 / self.control_hz
+            self.camera_period = 1.0 / p["camera_hz"] if p["camera_hz"] else 0.0
+            self.cameras = [k[len("camera_"):] for k in self.env.image_keys]
+            topic = p["camera_topic"]
+            if len(self.cameras) > 1 and "{name}" not in topic:
+                raise VqbetError(f"parameter camera_topic {topic!r} must contain '{{name}}': env '{p['env']}' has "
+                                 f"cameras {self.cameras}")
+            self.camera_topics = {c: topic.replace("{name}", c) for c in self.cameras}
+
+            # episode state
+            self.episode = -1
+            self.episode_seed = int(p["seed"])
+            self.started = False  # the current episode has run (an idle one is started by ~/reset as it is)
+            self.running = False
+            self.result_sent = True
+            self.period_ns = int(round(1e9 / self.control_hz))
+            self.last_grid = -1
+            self.last_camera = -np.inf
+            self.prev_q: np.ndarray | None = None
+            self.counts = {"ticks": 0, "steps": 0, "trajectories": 0, "teleop_commands": 0, "rejected": 0,
+                           "skipped_ticks": 0, "missed_ticks": 0, "episodes": 0}
+            self.last_rejection = ""
+
+            reliable = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
+            self.joint_pub = self.create_publisher(JointState, p["joint_states_topic"], reliable)
+            image_qos = qos_from_parameters(self, "image_qos", "reliable", 5)
+            self.image_pubs = {c: self.create_publisher(Image, t, image_qos) for c, t in self.camera_topics.items()}
+            self.state_pub = self.create_publisher(Float64MultiArray, p["state_topic"], reliable)
+            self.result_pub = self.create_publisher(String, p["result_topic"], QoSProfile(
+                depth=20, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL))
+            self.create_subscription(JointTrajectory, p["trajectory_topic"], self._on_trajectory, reliable)
+            self.create_subscription(JointState, p["teleop_topic"], self._on_teleop, reliable)
+            self.create_service(Trigger, "~/reset", self._on_reset)
+            self.diagnostics = Diagnostics(self, "sim_robot", hardware_id=f"sim:{p['env']}")
+            self.create_timer(self.period, self._on_tick)
+            self.create_timer(float(p["diagnostics_period"]), self._publish_diagnostics)
+
+            self._reset(start=bool(p["autostart"]))
+            self.get_logger().info(
+                f"env {p['env']} {self.env_args} at {self.control_hz:g} Hz, joints {self.robot.joint_names}, cameras "
+                f"{self.camera_topics or 'none'}; commands on {p['trajectory_topic']} and {p['teleop_topic']}; "
+                + ("episode 0 running" if self.running else "idle: call ~/reset to start an episode"))
+
+        def _declare_parameters(self) -> dict:
+            def declare(name, default, description):
+                return self.declare_parameter(name, default, ParameterDescriptor(description=description)).value
+
+            return {
+                "env": declare("env", "blockpush", "simulated env (vqbet_core.sim), e.g. blockpush"),
+                "env_args": declare("env_args", "", "env constructor arguments as a YAML mapping, e.g. "
+                                    "'{action_mode: target, image_size: 96}'"),
+                "seed": declare("seed", 0, "env seed of the first episode; each ~/reset uses the next one"),
+                "control_hz": declare("control_hz", 0.0, "control ticks per second (one env step each); 0 = the env's"),
+                "camera_hz": declare("camera_hz", 0.0, "camera frames per second; 0 = one per control tick"),
+                "autostart": declare("autostart", True, "run the first episode at start (else idle until ~/reset)"),
+                "auto_reset": declare("auto_reset", False, "start the next episode as soon as one ends"),
+                "joint_states_topic": declare("joint_states_topic", "/joint_states", "measured joint states out"),
+                "camera_topic": declare("camera_topic", "/camera/image_raw", "camera topic; '{name}' = camera name"),
+                "trajectory_topic": declare("trajectory_topic", "/arm_controller/joint_trajectory",
+                                            "controller command in (JointTrajectory)"),
+                "teleop_topic": declare("teleop_topic", "/teleop/joint_command", "teleop joint targets in (JointState)"),
+                "state_topic": declare("state_topic", "/sim/state", "full env state out (Float64MultiArray)"),
+                "result_topic": declare("result_topic", "/sim/episode_result", "episode outcome out (String, JSON)"),
+                "frame_id": declare("frame_id", "", "header.frame_id of the images"),
+                "diagnostics_period": declare("diagnostics_period", 1.0, "seconds between /diagnostics messages"),
+            }
+
+        # -------------------------------------------------------------- time
+        def _now(self) -> float:
+            return self.get_clock().now().nanoseconds * 1e-9
+
+        def _grid_ns(self) -> int:
+            """The tick's time on the absolute control grid (multiples of the period, timer jitter removed): the
+            same grid ``recorder_node`` samples on, so recorded steps and simulator ticks coincide exactly."""
+            return round(self.get_clock().now().nanoseconds / self.period_ns) * self.period_ns
+
+        # -------------------------------------------------------------- episodes
+        def _reset(self, start: bool = True) -> None:
+            """Next episode with the next seed; an episode that never ran (idle at start) is started as it is."""
+            if self.episode < 0:
+                self.episode = 0
+            elif self.started:
+                self.episode += 1
+                self.episode_seed += 1
+            self.started = start
+            self.robot.reset(seed=self.episode_seed)
+            self.prev_q = None
+            self.running = start
+            self.result_sent = not start
+            if start:
+                self.counts["episodes"] += 1
+
+        def _on_reset(self, request, response):
+            try:
+                old = (self.episode, self.robot.steps) if self.running and not self.robot.done else None
+                self._reset(start=True)
+                response.success = True
+                response.message = json.dumps({"episode": self.episode, "seed": self.episode_seed})
+                note = f" (episode {old[0]} abandoned after {old[1]} steps)" if old else ""
+                self.get_logger().info(f"~/reset: episode {self.episode} started, seed {self.episode_seed}{note}")
+            except Exception as exc:  # noqa: BLE001 - a service call must always get an answer
+                response.success, response.message = False, f"{type(exc).__name__}: {exc}"
+                self.get_logger().error(f"~/reset failed: {response.message}")
+            return response
+
+        def _episode_result(self, stamp: float) -> None:
+            r = self.robot.result()
+            data = {"episode": self.episode, "seed": self.episode_seed, "success": bool(r.success), "mode": r.mode,
+                    "length": int(r.length), "info": r.info, "stamp": stamp, "env": self.p["env"]}
+            self.result_pub.publish(String(data=json.dumps(data, default=_json_default)))
+            self.result_sent = True
+            self.get_logger().info(f"episode {self.episode} ended: success {r.success}, mode {r.mode}, "
+                                   f"{r.length} steps")
+
+        # -------------------------------------------------------------- commands
+        def _on_trajectory(self, msg) -> None:
+            self.counts["trajectories"] += 1
+            now = self._now()
+            start = stamp_s(msg.header.stamp) or now  # a zero stamp means "start now", as in the controller
+            times = [start + p.time_from_start.sec + p.time_from_start.nanosec * 1e-9 for p in msg.points]
+            positions = [list(p.positions) for p in msg.points]
+            try:
+                self.robot.set_trajectory(msg.joint_names, times, positions, now)
+            except (TrajectoryRejected, ValueError) as exc:
+                self._rejected("trajectory", exc)
+
+        def _on_teleop(self, msg) -> None:
+            self.counts["teleop_commands"] += 1
+            try:
+                if len(msg.name) != len(msg.position):
+                    raise TrajectoryRejected(f"{len(msg.name)} names but {len(msg.position)} positions")
+                self.robot.set_target(msg.name, [list(msg.position)], self._now())
+            except (TrajectoryRejected, ValueError) as exc:
+                self._rejected("teleop command", exc)
+
+        def _rejected(self, what: str, exc: Exception) -> None:
+            self.counts["rejected"] += 1
+            self.last_rejection = f"{what}: {exc}"
+            self.get_logger().warning(f"rejected a {what}: {exc}", throttle_duration_sec=5.0)
+
+        # -------------------------------------------------------------- control tick
+        def _on_tick(self) -> None:
+            try:
+                self._tick()
+            except Exception as exc:  # noqa: BLE001 - a sim error must not kill the robot silently
+                self.get_logger().error(f"tick failed: {type(exc).__name__}: {exc}", throttle_duration_sec=5.0)
+
+        def _tick(self) -> None:
+            stamp_ns = self._grid_ns()
+            if stamp_ns <= self.last_grid:  # a late timer call followed by an early one: same grid slot
+                self.counts["skipped_ticks"] += 1
+                return
+            if self.last_grid > 0 and stamp_ns - self.last_grid > self.period_ns:
+                self.counts["missed_ticks"] += (stamp_ns - self.last_grid) // self.period_ns - 1
+            self.last_grid = stamp_ns
+            t = stamp_ns * 1e-9
+            self.counts["ticks"] += 1
+            if self.running and not self.robot.done:
+                self.robot.tick(t)
+                self.counts["steps"] += 1
+            q = self.robot.joint_positions()
+            js = ros_convert.joint_state(self.robot.joint_names, q, stamp_ns)
+            js.velocity = ((q - self.prev_q) * self.control_hz if self.prev_q is not None else np.zeros_like(q)).tolist()
+            js.effort = [0.0] * len(q)
+            self.prev_q = q
+            self.joint_pub.publish(js)
+            obs = self.robot.obs
+            state = lowdim_vector(obs, self.env.obs_keys)
+            header = [self.episode, self.episode_seed, self.robot.steps, float(self.running and not self.robot.done),
+                      stamp_ns // 1_000_000_000, stamp_ns % 1_000_000_000]
+            msg = Float64MultiArray(data=[float(v) for v in header] + state.tolist())
+            msg.layout.dim = [MultiArrayDimension(label=",".join(STATE_HEADER) + ",state", size=len(msg.data),
+                                                  stride=len(msg.data))]
+            self.state_pub.publish(msg)
+            if self.cameras and (not self.camera_period or t - self.last_camera >= self.camera_period - 1e-6):
+                self.last_camera = t
+                for name in self.cameras:
+                    self.image_pubs[name].publish(ros_convert.rgb_to_image(obs[f"camera_{name}"], stamp_ns, "rgb8",
+                                                                           self.p["frame_id"]))
+            if self.running and self.robot.done and not self.result_sent:
+                self._episode_result(t)
+                if self.p["auto_reset"]:
+                    self._reset(start=True)
+
+        def _publish_diagnostics(self) -> None:
+            values = {"episode": self.episode, "seed": self.episode_seed, "running": self.running and not self.robot.done,
+                      "episode_steps": self.robot.steps, "control_hz": self.control_hz, **self.counts,
+                      "controller_rejected": self.robot.rejected, "last_rejection": self.last_rejection}
+            level = "warn" if self.last_rejection and self.counts["rejected"] else "ok"
+            state = "running" if self.running and not self.robot.done else ("episode done" if self.running else "idle")
+            self.diagnostics.publish(level, state, values)
+
+        def finish(self) -> None:
+            self.env.close()
+
+    return SimRobotNode
+
+
+def _json_default(value):
+    """numpy scalars / arrays in env info dicts -> JSON."""
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return str(value)
+
+
+def main(args=None) -> int:
+    import rclpy
+    from rclpy.executors import ExternalShutdownException
+
+    rclpy.init(args=args)  # its signal handlers turn SIGINT / SIGTERM into ExternalShutdownException in spin
+    node, code = None, 0
+    try:
+        node = make_node_class()()
+        rclpy.spin(node)
+    except (KeyboardInterrupt, ExternalShutdownException):
+        pass
+    except VqbetError as exc:
+        print(f"sim_robot_node: error: {exc}", file=sys.stderr)
+        code = 2
+    finally:
+        if node is not None:
+            node.finish()
+            node.destroy_node()
+        if rclpy.ok():
+            rclpy.shutdown()
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

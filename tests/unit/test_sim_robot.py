@@ -1,0 +1,224 @@
+"""SimRobot (joint_trajectory_controller emulation without ROS) and blockpush's joint-target mode."""
+
+import json
+
+import numpy as np
+import pytest
+
+pytest.importorskip("pybullet")
+
+from vqbet_core.errors import VqbetError  # noqa: E402
+from vqbet_core.sim.base import EpisodeResult, SimEnv  # noqa: E402
+from vqbet_core.sim.blockpush import EFFECTOR_START, JOINT_NAMES, MAX_STEP, BlockPushEnv  # noqa: E402
+from vqbet_core.sim.robot import SimRobot, TrajectoryRejected  # noqa: E402
+
+
+class RecordingEnv(SimEnv):
+    """A tiny real env with the joint protocol: the joints go exactly to the target each step (so the
+    controller's commanded targets can be read back), and every target is recorded."""
+
+    name = "recording"
+    joint_names = ["a", "b"]
+    action_is_joint_target = True
+    control_hz = 10.0
+
+    def __init__(self):
+        self.q = np.zeros(2)
+        self.targets = []
+
+    obs_keys = property(lambda self: ["robot_joint"])
+    action_dim = property(lambda self: 2)
+    max_steps = property(lambda self: 5)
+
+    def reset(self, seed=None):
+        self.q = np.array([1.0, -1.0]) * (0 if seed is None else seed)
+        self.targets, self.t = [], 0
+        return {"robot_joint": self.q.copy()}
+
+    def joint_positions(self):
+        return self.q.copy()
+
+    def step_joints(self, targets):
+        self.q = np.asarray(targets, np.float64).copy()
+        self.targets.append(self.q.copy())
+        self.t += 1
+        return {"robot_joint": self.q.copy()}, self.t >= self.max_steps
+
+    step = step_joints
+
+    def result(self):
+        return EpisodeResult(success=False, length=self.t)
+
+    def make_expert(self):
+        raise NotImplementedError
+
+    @staticmethod
+    def summarize(results, demo_modes=None):
+        return {"episodes": len(results)}
+
+
+@pytest.fixture
+def robot():
+    r = SimRobot(RecordingEnv())
+    r.reset(seed=0)
+    return r
+
+
+def test_holds_start_position_without_a_trajectory(robot):
+    robot.reset(seed=2)
+    for k in range(3):
+        robot.tick(100.0 + 0.1 * k)
+    np.testing.assert_allclose(robot.env.targets, [[2.0, -2.0]] * 3)
+
+
+def test_interpolates_linearly_in_time_and_holds_the_end(robot):
+    # points at t=1 and t=2 (absolute); starts from the position commanded when it arrives (0, 0 at t=0)
+    kept = robot.set_trajectory(["a", "b"], [1.0, 2.0], [[1.0, 10.0], [3.0, 30.0]], now=0.0)
+    assert kept == 2
+    for t in (0.5, 1.0, 1.25, 2.0, 7.0):
+        robot.tick(t)
+    np.testing.assert_allclose(robot.env.targets, [[0.5, 5.0], [1.0, 10.0], [1.5, 15.0], [3.0, 30.0], [3.0, 30.0]])
+    assert robot.done  # RecordingEnv ends after 5 steps; a finished episode is not stepped any more
+    robot.tick(8.0)
+    assert len(robot.env.targets) == 5
+
+
+def test_joints_are_mapped_by_name(robot):
+    robot.set_trajectory(["b", "a"], [1.0], [[-4.0, 2.0]], now=0.0)
+    robot.tick(1.0)
+    np.testing.assert_allclose(robot.env.targets[-1], [2.0, -4.0])
+
+
+def test_new_trajectory_replaces_the_running_one_from_the_commanded_position(robot):
+    robot.set_trajectory(["a", "b"], [1.0, 2.0], [[1.0, 1.0], [2.0, 2.0]], now=0.0)
+    robot.tick(0.5)  # commanded (0.5, 0.5)
+    # replacement at t=0.5: its first point (t=0.4) is already past and skipped; from (0.5, 0.5) towards (-1, -1) at t=1.5
+    kept = robot.set_trajectory(["a", "b"], [0.4, 1.5], [[9.0, 9.0], [-1.0, -1.0]], now=0.5)
+    assert kept == 1
+    robot.tick(1.0)
+    np.testing.assert_allclose(robot.env.targets[-1], [-0.25, -0.25])
+    robot.tick(1.4)
+    np.testing.assert_allclose(robot.env.targets[-1], [-0.85, -0.85])
+
+
+def test_empty_trajectory_stops_where_commanded_now(robot):
+    robot.set_trajectory(["a", "b"], [1.0], [[1.0, 2.0]], now=0.0)
+    robot.set_trajectory(["a", "b"], [], np.zeros((0, 2)), now=0.5)
+    robot.tick(0.8)
+    robot.tick(3.0)
+    np.testing.assert_allclose(robot.env.targets, [[0.5, 1.0], [0.5, 1.0]])
+
+
+def test_bad_trajectories_are_rejected_and_the_running_one_kept(robot):
+    robot.set_trajectory(["a", "b"], [1.0], [[1.0, 1.0]], now=0.0)
+    bad = [
+        (["a"], [2.0], [[1.0]], "missing"),
+        (["a", "b", "c"], [2.0], [[1.0, 1.0, 1.0]], "unknown"),
+        (["a", "a"], [2.0], [[1.0, 1.0]], "duplicates"),
+        (["a", "b"], [2.0], [[np.nan, 1.0]], "non-finite"),
+        (["a", "b"], [2.0, 1.5], [[1.0, 1.0], [2.0, 2.0]], "increasing"),
+        (["a", "b"], [2.0, 3.0], [[1.0, 1.0]], "point times"),
+        (["a", "b"], [0.1, 0.2], [[5.0, 5.0], [6.0, 6.0]], "before it arrived"),
+    ]
+    for names, times, pos, why in bad:
+        with pytest.raises(TrajectoryRejected, match=why):
+            robot.set_trajectory(names, times, pos, now=0.3)
+    assert robot.rejected == len(bad)
+    robot.tick(1.0)
+    np.testing.assert_allclose(robot.env.targets[-1], [1.0, 1.0])
+
+
+def test_teleop_target_is_applied_from_the_next_tick(robot):
+    robot.set_trajectory(["a", "b"], [10.0], [[5.0, 5.0]], now=0.0)
+    robot.set_target(["b", "a"], [[0.2, 0.1]], now=1.0)  # replaces the trajectory: go there now
+    robot.tick(1.1)
+    robot.tick(1.2)
+    np.testing.assert_allclose(robot.env.targets, [[0.1, 0.2], [0.1, 0.2]])
+    with pytest.raises(TrajectoryRejected):
+        robot.set_target(["a", "b"], [[0.0, 0.0], [1.0, 1.0]], now=1.3)
+
+
+def test_env_without_joints_is_refused():
+    class NoJoints(RecordingEnv):
+        joint_names = []
+
+    with pytest.raises(VqbetError, match="cannot be driven"):
+        SimRobot(NoJoints())
+    with pytest.raises(VqbetError, match="before reset"):
+        SimRobot(RecordingEnv()).tick(0.0)
+
+
+# ---------------------------------------------------------------------- blockpush as a robot
+def test_blockpush_target_mode_observation_and_attrs():
+    env = BlockPushEnv(action_mode="target")
+    try:
+        assert env.joint_names == JOINT_NAMES == ["pusher_x", "pusher_y"] and env.action_is_joint_target
+        obs = env.reset(seed=3)
+        assert env.obs_keys == ["state", "robot_joint"] and set(obs) == {"state", "robot_joint"}
+        assert obs["robot_joint"].dtype == np.float32 and obs["robot_joint"].shape == (2,)
+        np.testing.assert_allclose(obs["robot_joint"], EFFECTOR_START, atol=2e-3)
+        np.testing.assert_allclose(env.joint_positions(), obs["robot_joint"], atol=1e-6)
+        attrs = env.dataset_attrs()
+        assert attrs["joint_names"] == JOINT_NAMES and attrs["action_mode"] == "target"
+        json.dumps(attrs)
+        # an absolute target is reached at most MAX_STEP per step, then held
+        goal = EFFECTOR_START + np.array([0.0, 0.1])
+        for k in range(6):
+            obs, _ = env.step(goal)
+            expected = EFFECTOR_START[1] + min(MAX_STEP * (k + 1), 0.1)
+            assert abs(float(obs["state"][9]) - expected) < 1e-6  # effector_target_y
+        np.testing.assert_allclose(obs["robot_joint"], goal, atol=3e-3)
+        with pytest.raises(VqbetError, match="pusher_x, pusher_y"):
+            env.step(np.array([np.nan, 0.0]))
+    finally:
+        env.close()
+    with pytest.raises(VqbetError, match="action_mode"):
+        BlockPushEnv(action_mode="velocity")
+
+
+def test_blockpush_target_mode_replays_the_delta_mode_expert():
+    """Same seed, same expert: target mode moves the world like delta mode (the two differ only by float32 rounding
+    of the targets, which block contacts amplify a little)."""
+    runs = {}
+    for mode in ("delta", "target"):
+        env = BlockPushEnv(action_mode=mode)
+        try:
+            obs = env.reset(seed=5)
+            expert = env.make_expert()
+            expert.reset(env, np.random.default_rng([5, 1]))
+            states, actions = [], []
+            for _ in range(60):
+                a = expert.act(obs)
+                actions.append(np.asarray(a))
+                obs, done = env.step(a)
+                states.append(obs["state"])
+            runs[mode] = (np.stack(states), np.stack(actions))
+        finally:
+            env.close()
+    (s_d, a_d), (s_t, a_t) = runs["delta"], runs["target"]
+    np.testing.assert_allclose(s_t, s_d, atol=2e-3)
+    assert np.abs(s_t[:, 6:10] - s_d[:, 6:10]).max() < 2e-4  # the effector follows the same path
+    # target-mode actions are the absolute targets: the effector target after each step
+    np.testing.assert_allclose(a_t, s_t[:, 8:10], atol=1e-5)
+    assert np.abs(a_d).max() <= MAX_STEP + 1e-6
+
+
+def test_simrobot_drives_blockpush_along_a_trajectory():
+    env = BlockPushEnv(action_mode="target")
+    robot = SimRobot(env)
+    try:
+        assert robot.control_hz == 10.0
+        robot.reset(seed=1)
+        start = robot.joint_positions()
+        # 0.15 m in x over 1 s (0.15 m/s, below the pusher's 0.3 m/s), given by name in reverse order
+        robot.set_trajectory(["pusher_y", "pusher_x"], [1.0], [[start[1], start[0] + 0.15]], now=0.0)
+        xs = []
+        for k in range(1, 13):
+            robot.tick(0.1 * k)
+            xs.append(robot.joint_positions()[0])
+        assert np.all(np.diff(xs) > -1e-4)  # moves monotonically
+        assert abs(xs[4] - (start[0] + 0.075)) < 0.01  # half way at t=0.5
+        assert abs(xs[-1] - (start[0] + 0.15)) < 0.005  # arrived and holding
+        assert abs(robot.joint_positions()[1] - start[1]) < 0.005
+    finally:
+        env.close()
