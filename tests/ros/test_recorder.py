@@ -103,7 +103,7 @@ def session(tmp_path_factory):
         client = S.Client(int(env["ROS_DOMAIN_ID"]), RECORDER, raw_topics=raw_types)
         client.wait_ready(proc=rec)
         result["params"] = S.get_parameters(client, RECORDER, ["max_age", "max_wait", "command_type", "task",
-                                                               "image_qos.reliability", "image_qos.durability",
+                                                               "image_qos.reliability", "image_qos.durability", "image_qos.depth",
                                                                "state_qos.depth", "status_period"])
         client.spin(1.0)
         r = result["responses"]
@@ -173,7 +173,7 @@ def test_services_and_shutdown(session):
 def test_parameters_from_yaml_files(session):
     p = session["params"]
     # shipped config/recorder.yaml (under /**/recorder_node, node in a namespace), then the test's YAML over it
-    assert p["max_age"] == 0.1 and p["command_type"] == "JointState" and p["state_qos.depth"] == 2000
+    assert p["max_age"] == 0.1 and p["command_type"] == "JointState" and p["state_qos.depth"] == 2000 and p["image_qos.depth"] == 200
     assert p["image_qos.durability"] == "volatile"
     assert p["task"] == "first" and p["max_wait"] == 3.0 and p["status_period"] == 0.2
     assert p["image_qos.reliability"] == "reliable"
@@ -240,3 +240,52 @@ def test_bag2zarr_matches_recorder(session, storage, tmp_path):
         a, b = live.episode(i), offline.episode(i)
         for key in a:
             np.testing.assert_array_equal(a[key], b[key], err_msg=f"episode {i} {key}")
+
+
+def test_bringup_installs_launch_and_config(monkeypatch):
+    """colcon runs vqbet_bringup/setup.py: it must install every top-level launch file and the YAML."""
+    import ast
+    import runpy
+
+    import setuptools
+
+    captured = {}
+    monkeypatch.setattr(setuptools, "setup", lambda **kw: captured.update(kw))
+    pkg = S.REPO / "ros2_ws/src/vqbet_bringup"
+    monkeypatch.chdir(pkg)
+    runpy.run_path(str(pkg / "setup.py"), run_name="__main__")
+    files = {dest: [Path(pkg, f).resolve() for f in srcs] for dest, srcs in captured["data_files"]}
+    assert set(files["share/vqbet_bringup/launch"]) == set((S.REPO / "launch").glob("*.launch.py"))
+    assert SHIPPED_YAML.resolve() in files["share/vqbet_bringup/config"]
+    assert (pkg / "resource/vqbet_bringup").exists() and "<build_type>ament_python" in (pkg / "package.xml").read_text()
+    # the launch file (not runnable here: no `launch` package) starts the console script setup.py declares
+    tree = ast.parse((S.REPO / "launch/record.launch.py").read_text())
+    calls = {n.func.id: n for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)}
+    node = {k.arg: k.value for k in calls["Node"].keywords}
+    assert node["package"].value == "vqbet_ros" and node["executable"].value == "recorder_node"
+    assert "recorder_node = vqbet_ros.recorder_node:main" in (S.REPO / "ros2_ws/src/vqbet_ros/setup.py").read_text()
+
+
+def test_ros_convert_with_rclpy_messages():
+    """The node-side conversions on real rclpy message objects (array.array data, builtin Time stamps)."""
+    from sensor_msgs.msg import Image, JointState
+
+    from vqbet_ros import ros_convert as rc
+
+    rgb = np.random.default_rng(1).integers(0, 255, (5, 7, 3), dtype=np.uint8)
+    for enc in ("rgb8", "bgr8"):
+        msg = rc.rgb_to_image(rgb, 1_500_000_123, enc)
+        assert isinstance(msg, Image) and rc.stamp_ns(msg) == 1_500_000_123
+        np.testing.assert_array_equal(rc.image_to_rgb(msg), rgb)
+    mono = rc.image_to_rgb(rc.rgb_to_image(rgb, 0, "mono8"))
+    assert mono.shape == (5, 7, 3) and np.all(mono[..., 0] == mono[..., 2])
+    np.testing.assert_array_equal(rc.compressed_to_rgb(rc.rgb_to_compressed(rgb, 0, "png")), rgb)
+    bad = rc.rgb_to_image(rgb, 0, "rgb8")
+    bad.step = 7  # smaller than width * 3
+    with pytest.raises(ValueError, match="step 7 is smaller"):
+        rc.image_to_rgb(bad)
+    mapper = rc.JointMapper(["a", "b"])
+    np.testing.assert_array_equal(rc.joint_positions(JointState(name=["b", "a"], position=[2.0, 1.0]), mapper), [1, 2])
+    with pytest.raises(rc.MessageError, match="lacks joints"):
+        rc.joint_positions(JointState(name=["b"], position=[2.0]), mapper)
+    assert rc.has_cv_bridge() in (True, False)

@@ -97,7 +97,7 @@ def run_kills(tmp: Path, kills: int, seed: int, episode_s=(0.05, 0.3)) -> dict:
             else:
                 if not _wait_alive(client, rec):
                     raise AssertionError(f"recorder died on its own: {rec.log_path.read_text()[-2000:]}")
-                killer = _kill_later(procs, rec, rng.uniform(0.05, 1.2), killed)
+                killer = _kill_later(procs, rec, rng.uniform(0.1, 1.6), killed)
             while rec.poll() is None:
                 start = _call_until(client, rec, "start_episode")
                 if start is None or not start.success:
@@ -139,9 +139,10 @@ def _check_contents(result: dict) -> None:
 
 @pytest.mark.timeout(240)
 def test_sigkill_20_times_keeps_committed_episodes(tmp_path):
-    result = run_kills(tmp_path, kills=20, seed=random.randrange(1 << 30))
-    assert len(result["killed"]) == 20
-    assert len(result["committed"]) >= 5, "too few episodes were committed to test anything"
+    seed = random.randrange(1 << 30)  # new kill moments every run; the seed replays a failure
+    result = run_kills(tmp_path, kills=20, seed=seed)
+    assert len(result["killed"]) == 20, f"seed {seed}"
+    assert len(result["committed"]) >= 4, f"seed {seed}: too few episodes were committed to test anything"
     _check_contents(result)
 
 

@@ -15,7 +15,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--command", dest="command_topic", default="/teleop/joint_command",
                         help="teleop command topic, JointState or JointTrajectory; becomes 'action' (default: %(default)s)")
     parser.add_argument("--camera", action="append", default=[], metavar="NAME=TOPIC",
-                        help="camera topic override (repeatable); default: the calibration's topics")
+                        help="topic of a calibration camera in these bags (repeatable); default: the calibration's topics")
     parser.add_argument("--episode-topic", default=None,
                         help="std_msgs/String marker topic that splits episodes ('start [task]', 'end', 'discard', "
                              "or the recorder's ~/episode_events JSON); default: one episode per bag")

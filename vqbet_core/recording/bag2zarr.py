@@ -19,6 +19,8 @@ again skips the episodes already in the dataset, so a run interrupted by a corru
 from __future__ import annotations
 
 import json
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -128,6 +130,11 @@ def episode_windows(markers: list[tuple[str, int, str]]) -> list[tuple[int, int,
     return windows
 
 
+def camera_topics(calibration, options: BagOptions) -> dict:
+    """Camera name -> topic: the calibration's, with ``--camera NAME=TOPIC`` overrides."""
+    return {**{n: c.topic for n, c in calibration.cameras.items()}, **options.camera_topics}
+
+
 class _BagSession:
     """One bag replayed through the sampler into the writer."""
 
@@ -141,7 +148,7 @@ class _BagSession:
         for conn in reader.connections:
             by_topic.setdefault(conn.topic, []).append(conn)
         self.by_topic = by_topic
-        cams = options.camera_topics or {n: c.topic for n, c in calibration.cameras.items()}
+        cams = camera_topics(calibration, options)
         self.streams = {}  # topic -> (stream key, kind)
         for name, topic in cams.items():
             msgtype = self._require(topic, set(IMAGE_TYPES))
@@ -157,8 +164,7 @@ class _BagSession:
         self.cam_names = list(cams)
         hz = options.control_hz or calibration.control_hz
         self.sampler = StreamSampler(stream_keys(self.cam_names), hz, options.max_age, options.max_wait)
-        self.preprocess = {n: (calibration.cameras[n].preprocess if options.preprocess and n in calibration.cameras else None)
-                           for n in self.cam_names}
+        self.preprocess = {n: calibration.cameras[n].preprocess if options.preprocess else None for n in self.cam_names}
 
     def _require(self, topic: str, types: set) -> str:
         conns = self.by_topic.get(topic)
@@ -202,19 +208,32 @@ class _BagSession:
                            f"{type(exc).__name__}: {exc}") from None
 
     # ------------------------------------------------------------------ replay
-    def _decode(self, conn, raw, log_ns, stream, kind):
-        msg = self.reader.deserialize(raw, conn.msgtype)
-        stamp = choose_stamp(msg, log_ns, self.opt.stamp_source)
+    def _convert(self, msg, kind):
         what, cam = kind
         if what == "joint_state":
-            return stamp, self.mapper.from_joint_state(msg)
+            return self.mapper.from_joint_state(msg)
         if what == "command":
-            return stamp, self.mapper.from_command(msg, self.command_kind)
+            return self.mapper.from_command(msg, self.command_kind)
         compressed = what == "compressed"
         if not compressed:
             check_image(msg)
         pre = self.preprocess[cam]
-        return stamp, Lazy(lambda: frame_for_dataset(msg, pre, compressed, _image_fallback))
+        return Lazy(lambda: frame_for_dataset(msg, pre, compressed, _image_fallback))
+
+    def _push(self, conn, raw, log_ns, stream, kind) -> None:
+        """One bag message into the sampler, exactly as the node's callbacks do it."""
+        try:
+            msg = self.reader.deserialize(raw, conn.msgtype)
+        except Exception as exc:  # undeserializable bytes: a bad message, not a crash
+            self.sampler.bad(stream, f"cannot deserialize {conn.msgtype}: {type(exc).__name__}: {exc}")
+            return
+        stamp = choose_stamp(msg, log_ns, self.opt.stamp_source)
+        try:
+            value = self._convert(msg, kind)
+        except MessageError as exc:
+            self.sampler.bad(stream, str(exc), stamp)
+            return
+        self.sampler.push(stream, stamp, value)
 
     def run(self) -> BagReport:
         every = self.windows()
@@ -234,15 +253,7 @@ class _BagSession:
                 if not active and w < len(windows) and log_ns >= windows[w][0]:
                     self._begin(windows[w])
                     active = True
-                stream, kind = stream_of[conn.id]
-                try:
-                    stamp, value = self._decode(conn, raw, log_ns, stream, kind)
-                except MessageError as exc:
-                    self.sampler.bad(stream, str(exc))
-                except Exception as exc:  # undeserializable bytes: a bad message, not a crash
-                    self.sampler.bad(stream, f"cannot deserialize {conn.msgtype}: {type(exc).__name__}: {exc}")
-                else:
-                    self.sampler.push(stream, stamp, value)
+                self._push(conn, raw, log_ns, *stream_of[conn.id])
                 self._write(self.sampler.advance(log_ns))
                 while active and self.sampler.done:  # every tick up to the end marker is decided
                     self._finish(windows[w])
@@ -307,10 +318,11 @@ def convert_bags(bags, calibration, out, options: BagOptions | None = None, prog
     if options.stamp_source not in ("header", "receive"):
         raise VqbetError(f"stamp source must be 'header' or 'receive', got {options.stamp_source!r}")
     AnyReader, typestore = _rosbags()
-    cams = list(options.camera_topics or calibration.cameras)
-    unknown = [n for n in cams if n not in calibration.cameras]
-    if unknown and options.preprocess:
-        raise VqbetError(f"cameras {unknown} are not in the calibration {calibration.path} (has: {list(calibration.cameras)})")
+    unknown = [n for n in options.camera_topics if n not in calibration.cameras]
+    if unknown:
+        raise VqbetError(f"--camera {unknown[0]}: not a camera of the calibration {calibration.path} "
+                         f"(has: {', '.join(calibration.cameras) or 'none'})")
+    cams = list(camera_topics(calibration, options))
     hz = options.control_hz or calibration.control_hz
     attrs = dataset_attrs(calibration, cams, hz, "bag2zarr", options.settings())
     writer = EpisodeWriter(out, attrs, min_free_mb=options.min_free_mb, stop_free_mb=options.stop_free_mb,
@@ -320,6 +332,7 @@ def convert_bags(bags, calibration, out, options: BagOptions | None = None, prog
     done = set(writer.ds.attrs.get("episode_sources") or [])
     reports: dict[int, BagReport] = {}
     bar = None
+    pool = ThreadPoolExecutor(max_workers=max(1, min(4, (os.cpu_count() or 2))), thread_name_prefix="decode")
     try:
         opened = []
         total = 0
@@ -348,6 +361,7 @@ def convert_bags(bags, calibration, out, options: BagOptions | None = None, prog
                 session = None
                 session = _BagSession(reader, bag, calibration, options, writer, done,
                                       bar.update if bar is not None else (lambda n: None))
+                session.sampler.prefetch = pool.submit
                 reports[i] = session.run()
             except BagError as exc:
                 reports[i] = BagReport(str(bag), error=str(exc))
@@ -358,6 +372,7 @@ def convert_bags(bags, calibration, out, options: BagOptions | None = None, prog
             finally:
                 reader.close()
     finally:
+        pool.shutdown(wait=True, cancel_futures=True)
         if bar is not None:
             bar.close()
         if writer.recording:

@@ -50,18 +50,29 @@ class DiskFullError(VqbetError):
 
 
 class Lazy:
-    """A value computed on first use and cached (decode + crop/resize of a selected frame)."""
+    """A value computed on first use and cached (decode + crop/resize of a selected frame).
 
-    __slots__ = ("_fn", "_value")
+    :meth:`prefetch` starts the computation on a thread pool (OpenCV releases the GIL), so an offline
+    conversion decodes frames in parallel with reading the bag; :meth:`get` then waits for it.
+    """
+
+    __slots__ = ("_fn", "_value", "_future")
 
     def __init__(self, fn: Callable[[], object]):
         self._fn = fn
         self._value = None
+        self._future = None
+
+    def prefetch(self, submit: Callable) -> None:
+        if self._fn is not None and self._future is None:
+            self._future = submit(self._fn)
 
     def get(self):
         if self._fn is not None:
-            self._value = self._fn()
-            self._fn = None
+            try:
+                self._value = self._future.result() if self._future is not None else self._fn()
+            finally:
+                self._fn = self._future = None
         return self._value
 
 
@@ -74,10 +85,11 @@ class SamplerStats:
     stale: dict = field(default_factory=dict)  # stream -> ticks where it was stale or missing
     bad: dict = field(default_factory=dict)  # stream -> bad messages skipped (this episode)
     bad_total: dict = field(default_factory=dict)  # stream -> bad messages since creation
+    late: dict = field(default_factory=dict)  # stream -> messages that came after their tick was decided
     last_bad: str = ""  # the latest bad-message reason, for logs and diagnostics
 
     def as_dict(self) -> dict:
-        return {"samples": self.samples, "dropped": self.dropped, "stale": dict(self.stale),
+        return {"samples": self.samples, "dropped": self.dropped, "stale": dict(self.stale), "late": dict(self.late),
                 "bad": dict(self.bad), "bad_total": dict(self.bad_total), "last_bad": self.last_bad}
 
 
@@ -105,6 +117,7 @@ class StreamSampler:
         self.active = False
         self.next_tick = 0
         self.end: int | None = None
+        self.prefetch: Callable | None = None  # e.g. ThreadPoolExecutor.submit: decode selected frames ahead
         self.stats = SamplerStats(stale={s: 0 for s in self.streams}, bad={s: 0 for s in self.streams},
                                   bad_total={s: 0 for s in self.streams})
 
@@ -112,6 +125,8 @@ class StreamSampler:
     def push(self, stream: str, stamp: int, value) -> None:
         """Add a decoded (or :class:`Lazy`) message of ``stream`` stamped ``stamp`` ns."""
         stamps, values = self._stamps[stream], self._values[stream]
+        if self.active and stamp < self.next_tick - self.period_ns:  # more than max_wait late: a tick missed it
+            self.stats.late[stream] = self.stats.late.get(stream, 0) + 1
         if not stamps or stamp >= stamps[-1]:
             stamps.append(stamp)
             values.append(value)
@@ -123,6 +138,17 @@ class StreamSampler:
             self._latest[stream] = stamp
         if len(stamps) > self.max_history:
             del stamps[0], values[0]
+        if self.prefetch is not None and self.active and len(stamps) > 1:
+            self._prefetch_previous(stamps, values)
+
+    def _prefetch_previous(self, stamps: list, values: list) -> None:
+        """The message before the newest is selected iff a tick falls in [its stamp, the newest's stamp)."""
+        prev = values[-2]
+        if not isinstance(prev, Lazy):
+            return
+        tick = max(self.first_tick(stamps[-2]), self.next_tick)
+        if tick < stamps[-1] and (self.end is None or tick <= self.end):
+            prev.prefetch(self.prefetch)
 
     def bad(self, stream: str, reason: str, stamp: int | None = None) -> None:
         """Count a malformed message of ``stream`` (skipped, never fatal); its stamp still moves the watermark."""
@@ -145,6 +171,7 @@ class StreamSampler:
         self.stats.samples = self.stats.dropped = 0
         self.stats.stale = {s: 0 for s in self.streams}
         self.stats.bad = {s: 0 for s in self.streams}
+        self.stats.late = {}
 
     def set_end(self, end: int) -> None:
         """The episode ends at ``end`` ns: ticks after it are not taken."""

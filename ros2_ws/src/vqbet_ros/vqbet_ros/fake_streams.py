@@ -72,7 +72,9 @@ def main(argv=None) -> int:
     parser.add_argument("--shuffle", action="store_true", help="new joint name order in every message")
     parser.add_argument("--bad-every", type=int, default=0, help="every N-th message of each stream is malformed")
     parser.add_argument("--frames", type=int, default=0, help="cycle N precomputed frames (fast, for benchmarks)")
-    parser.add_argument("--reliability", choices=("reliable", "best_effort"), default="reliable")
+    parser.add_argument("--reliability", choices=("reliable", "best_effort"), default="reliable", help="of the cameras")
+    parser.add_argument("--state-reliability", choices=("reliable", "best_effort"), default="reliable",
+                        help="of joint states and the teleop command")
     parser.add_argument("--depth", type=int, default=100, help="publisher history depth (slow readers lose less)")
     parser.add_argument("--log", default=None, help="JSON lines: one per published message")
     parser.add_argument("--duration", type=float, default=0.0, help="seconds to run (0 = until stopped)")
@@ -84,6 +86,7 @@ def main(argv=None) -> int:
     rng = np.random.default_rng(opts.seed)
     log = open(opts.log, "w") if opts.log else None
     qos = make_qos(opts.reliability, opts.depth)
+    state_qos = make_qos(opts.state_reliability, opts.depth)
 
     rclpy.init(args=argv)
     node = Node("fake_streams")
@@ -116,7 +119,7 @@ def main(argv=None) -> int:
                 msg.position = list(msg.position[:-1])
         return msg
 
-    js_pub = node.create_publisher(JointState, opts.joint_topic, qos)
+    js_pub = node.create_publisher(JointState, opts.joint_topic, state_qos)
 
     def on_joint() -> None:
         seq, bad = next_seq("robot_joint")
@@ -125,7 +128,7 @@ def main(argv=None) -> int:
         record("robot_joint", seq, stamp, bad)
 
     cmd_type = JointTrajectory if opts.command_type == "JointTrajectory" else JointState
-    cmd_pub = node.create_publisher(cmd_type, opts.command_topic, qos)
+    cmd_pub = node.create_publisher(cmd_type, opts.command_topic, state_qos)
 
     def on_command() -> None:
         seq, bad = next_seq("action")

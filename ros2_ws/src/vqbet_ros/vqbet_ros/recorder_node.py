@@ -74,6 +74,9 @@ class RecorderNode(Node):
         if not p["output"]:
             raise VqbetError("parameter output is empty: give the path of the zarr dataset to create or append to")
         self.params = p
+        # deep queues: a recorder that stalls for a moment catches up instead of losing frames
+        image_qos = qos_from_parameters(self, "image_qos", "reliable", 30)
+        state_qos = qos_from_parameters(self, "state_qos", "reliable", 500)
         self.control_hz = p["control_hz"] or self.calibration.control_hz
         self.stamp_source = p["stamp_source"]
         self.command_type = p["command_type"]
@@ -94,12 +97,9 @@ class RecorderNode(Node):
                  f"{self.control_hz:g} Hz, max_age {p['max_age']} s")
         self.state = "idle"  # idle | recording | stopped (disk)
         self.last_error = ""
-        self.last_result = None
         self.latency = {}  # stream -> worst (receive - stamp) seconds since the last status
         self._ending = None  # Future an end_episode call waits on
 
-        image_qos = qos_from_parameters(self, "image_qos", "best_effort", 5)
-        state_qos = qos_from_parameters(self, "state_qos", "reliable", 50)
         for name in cams:
             cam = self.calibration.cameras[name]
             msg_type = CompressedImage if cam.compressed else Image
@@ -171,20 +171,20 @@ class RecorderNode(Node):
     def _now(self) -> int:
         return self.get_clock().now().nanoseconds
 
-    def _bad(self, stream: str, exc: Exception) -> None:
-        self.sampler.bad(stream, str(exc))
+    def _bad(self, stream: str, exc: Exception, stamp: int | None = None) -> None:
+        self.sampler.bad(stream, str(exc), stamp)
         self.get_logger().warning(f"skipped a bad {stream} message: {exc}", throttle_duration_sec=5.0)
 
     def _image_callback(self, key: str, preprocess, compressed: bool):
         def callback(msg) -> None:
             now = self._now()
-            try:
-                if not compressed:
+            stamp = ros_convert.choose_stamp(msg, now, self.stamp_source)
+            if not compressed:
+                try:
                     ros_convert.check_image(msg)
-                stamp = ros_convert.choose_stamp(msg, now, self.stamp_source)
-            except ros_convert.MessageError as exc:
-                self._bad(key, exc)
-                return
+                except ros_convert.MessageError as exc:
+                    self._bad(key, exc, stamp)
+                    return
             self._latency(key, now, stamp)
             self.sampler.push(key, stamp, Lazy(lambda: ros_convert.frame_for_dataset(msg, preprocess, compressed)))
 
@@ -192,23 +192,23 @@ class RecorderNode(Node):
 
     def _on_joint_state(self, msg: JointState) -> None:
         now = self._now()
+        stamp = ros_convert.choose_stamp(msg, now, self.stamp_source)
         try:
             positions = ros_convert.joint_positions(msg, self.mapper)
         except ros_convert.MessageError as exc:
-            self._bad("robot_joint", exc)
+            self._bad("robot_joint", exc, stamp)
             return
-        stamp = ros_convert.choose_stamp(msg, now, self.stamp_source)
         self._latency("robot_joint", now, stamp)
         self.sampler.push("robot_joint", stamp, positions)
 
     def _on_command(self, msg) -> None:
         now = self._now()
+        stamp = ros_convert.choose_stamp(msg, now, self.stamp_source)
         try:
             positions = self.mapper.from_command(msg, self.command_type)
         except ros_convert.MessageError as exc:
-            self._bad("action", exc)
+            self._bad("action", exc, stamp)
             return
-        stamp = ros_convert.choose_stamp(msg, now, self.stamp_source)
         self._latency("action", now, stamp)
         self.sampler.push("action", stamp, positions)
 
@@ -322,7 +322,6 @@ class RecorderNode(Node):
             self.get_logger().error(response.message)
             return response
         self.state = "idle"
-        self.last_result = result
         if result.index < 0:
             self._event("discard", end, self.writer.n_episodes)
             response.success = False
@@ -333,6 +332,8 @@ class RecorderNode(Node):
             response.success = True
             response.message = (f"episode {result.index} committed: {result.length} steps, {stats.dropped} ticks "
                                 f"dropped, {sum(stats.bad.values())} bad messages")
+            if stats.dropped or stats.late:
+                response.message += f" (stale: {_nonzero(stats.stale)}, late: {stats.late})"
         self.get_logger().info(response.message)
         self._publish_status()
         return response
@@ -369,6 +370,7 @@ class RecorderNode(Node):
             "task": self.task,
             "dropped": stats.dropped,
             "stale": stats.stale,
+            "late": stats.late,
             "bad": stats.bad_total,
             "last_bad": stats.last_bad,
             "disk_free_mb": round(self.writer.disk_free() / MB, 1),
