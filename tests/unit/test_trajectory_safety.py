@@ -183,3 +183,26 @@ def test_joint_state_merger_ignores_messages_without_our_joints():
     m = JointStateMerger(CALIB.joint_names)
     assert m.update(["wheel_left", "wheel_right"], [np.nan, 1.0], 1.0) == 0
     assert "no joint state yet" in m.problem(1.0, 0.5)
+
+
+# ---------------------------------------------------------------------- images read from CDR bytes (policy node)
+@pytest.mark.parametrize("encoding,frame_id", [("bgr8", "cam"), ("rgb8", ""), ("mono8", "wrist_camera_optical")])
+def test_raw_image_reads_what_rclpy_reads(encoding, frame_id):
+    pytest.importorskip("rclpy")
+    from rclpy.serialization import deserialize_message, serialize_message
+    from sensor_msgs.msg import Image
+
+    from vqbet_ros import ros_convert
+    from vqbet_ros.policy_node import RawImage
+
+    rgb = np.random.default_rng(0).integers(0, 255, (48, 64, 3), dtype=np.uint8)
+    msg = ros_convert.rgb_to_image(rgb, 1_700_000_000_123_456_789, encoding, frame_id=frame_id)
+    raw = serialize_message(msg)
+    img, ref = RawImage.parse(raw), deserialize_message(raw, Image)
+    assert (img.header.stamp.sec, img.header.stamp.nanosec, img.header.frame_id) == (1_700_000_000, 123_456_789, frame_id)
+    assert (img.height, img.width, img.encoding, img.step, img.is_bigendian) == (48, 64, encoding, ref.step, 0)
+    np.testing.assert_array_equal(ros_convert.image_to_rgb(img), ros_convert.image_to_rgb(ref))
+    with pytest.raises(ValueError):
+        RawImage.parse(raw[: len(raw) - 10])  # data shorter than its declared length
+    with pytest.raises(ValueError):
+        RawImage.parse(b"\x00\x07\x00\x00" + raw[4:])  # not plain CDR: the node falls back to rclpy

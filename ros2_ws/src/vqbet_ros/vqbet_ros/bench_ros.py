@@ -245,6 +245,10 @@ def _measure(args, spec, calib, camera: str, proc) -> dict:
         "rate_hz": args.rate, "steps": int(len(measured)), "frames_without_trajectory": int(sum(s not in got for s in window)),
         "e2e_ms": _stats(e2e), "runtime_step_ms": _stats(runtime), "ros_overhead_ms": _stats(e2e - runtime),
         "in_node_overhead_ms": _stats(node - runtime), "transport_ms": _stats(e2e - node),
+        "image_hop_ms": _stats([(timing[s]["receive_time"] - s * 1e-9) * 1e3 for s in measured]),
+        "trajectory_hop_ms": _stats([(received[s] - timing[s]["receive_time"]) * 1e3 - timing[s]["node_ms"] for s in measured]),
+        "in_node_convert_ms": _stats([timing[s]["convert_ms"] for s in measured]),
+        "in_node_safety_publish_ms": _stats([timing[s]["publish_ms"] for s in measured]),
         "runtime_stages_p50_ms": {k: round(float(np.median([timing[s][f"{k}_ms"] for s in measured])), 3)
                                   for k in ("preprocess", "encoder", "policy", "sample_decode")},
     }

@@ -38,7 +38,7 @@ from vqbet_core.errors import VqbetError
 
 # Layout of ~/step_timing (std_msgs/Float64MultiArray), one message per published trajectory.
 TIMING_FIELDS = ("stamp", "node_ms", "runtime_ms", "convert_ms", "publish_ms", "preprocess_ms", "encoder_ms",
-                 "policy_ms", "sample_decode_ms")
+                 "policy_ms", "sample_decode_ms", "receive_time")
 LOWDIM_KEY = "robot_joint"
 
 
@@ -104,6 +104,75 @@ class Frame:
         self.msg, self.stamp, self.rgb = msg, stamp, None
 
 
+class _Stamp:
+    __slots__ = ("sec", "nanosec")
+
+    def __init__(self, sec: int, nanosec: int):
+        self.sec, self.nanosec = sec, nanosec
+
+
+class _Header:
+    __slots__ = ("stamp", "frame_id")
+
+    def __init__(self, stamp: _Stamp, frame_id: str):
+        self.stamp, self.frame_id = stamp, frame_id
+
+
+class RawImage:
+    """``sensor_msgs/Image`` fields read straight from its CDR bytes; ``data`` is a numpy view, not a copy.
+
+    Why: rclpy's deserialization of a 640x480 frame into a Python message copies the pixels into an
+    ``array.array`` (about 1 ms); the node takes the serialized bytes (``raw=True``) and reads the
+    few header fields itself. Duck-types the message for :mod:`vqbet_ros.ros_convert`.
+    """
+
+    __slots__ = ("header", "height", "width", "encoding", "is_bigendian", "step", "data")
+
+    @classmethod
+    def parse(cls, raw: bytes) -> "RawImage":
+        """Plain CDR (XCDR1), little or big endian; raises ``ValueError`` for anything else or bad lengths."""
+        buf = memoryview(raw)
+        if len(buf) < 4 or buf[0] != 0 or buf[1] not in (0, 1):
+            raise ValueError("not a plain CDR encapsulation")
+        order = "<" if buf[1] == 1 else ">"
+        body = buf[4:]
+        pos = 0
+
+        def u32() -> int:
+            nonlocal pos
+            pos = (pos + 3) & ~3
+            if pos + 4 > len(body):
+                raise ValueError("image message is truncated")
+            value = int(np.frombuffer(body, np.dtype(order + "u4"), 1, pos)[0])
+            pos += 4
+            return value
+
+        def string() -> str:
+            nonlocal pos
+            n = u32()
+            if n == 0 or pos + n > len(body):
+                raise ValueError("bad string in image message")
+            text = bytes(body[pos : pos + n - 1]).decode("utf-8", "replace")
+            pos += n
+            return text
+
+        img = cls()
+        sec = u32()
+        img.header = _Header(_Stamp(sec - (1 << 32) if sec >= 1 << 31 else sec, u32()), string())
+        img.height, img.width = u32(), u32()
+        img.encoding = string()
+        if pos >= len(body):
+            raise ValueError("image message is truncated")
+        img.is_bigendian = int(body[pos])
+        pos += 1
+        img.step = u32()
+        n = u32()
+        if pos + n > len(body):
+            raise ValueError(f"image data says {n} bytes but the message has {len(body) - pos}")
+        img.data = np.frombuffer(body, np.uint8, n, pos)
+        return img
+
+
 def _percentile(values, q: float) -> float:
     return float(np.percentile(np.asarray(values), q)) if len(values) else float("nan")
 
@@ -114,6 +183,7 @@ def make_node_class():
     from rclpy.event_handler import SubscriptionEventCallbacks
     from rclpy.node import Node
     from rclpy.qos import QoSProfile, ReliabilityPolicy
+    from rclpy.serialization import deserialize_message
     from sensor_msgs.msg import CompressedImage, Image, JointState
     from std_msgs.msg import Empty, Float64MultiArray
     from std_srvs.srv import SetBool, Trigger
@@ -179,6 +249,7 @@ def make_node_class():
             self.sequence_done = False
             self.last_traj = None
             self.last_trigger_stamp = -np.inf
+            self.last_receive_wall = 0.0  # wall time the triggering frame arrived (for ~/step_timing)
             self.joints = JointStateMerger(calib.joint_names)
             self.frames: dict[str, Frame | None] = {c: None for c in self.cameras}
             self.good: dict[str, tuple[np.ndarray, float] | None] = {c: None for c in self.cameras}
@@ -198,7 +269,8 @@ def make_node_class():
             for name in self.cameras:
                 cam = calib.cameras[name]
                 msg_type = CompressedImage if cam.compressed else Image
-                self._subscribe(msg_type, cam.topic, image_qos, "image_qos", self._image_callback(name, cam.compressed))
+                self._subscribe(msg_type, cam.topic, image_qos, "image_qos", self._image_callback(name, cam.compressed),
+                                raw=not cam.compressed)
             self._subscribe(JointState, p["joint_states_topic"], state_qos, "state_qos", self._on_joint_state)
             self.traj_pub = self.create_publisher(JointTrajectory, p["trajectory_topic"],
                                                   QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE))
@@ -309,9 +381,9 @@ def make_node_class():
         def _streams(self) -> list[str]:
             return [f"camera_{c}" for c in self.cameras] + ["joint_states"]
 
-        def _subscribe(self, msg_type, topic, qos, prefix, callback):
+        def _subscribe(self, msg_type, topic, qos, prefix, callback, raw=False):
             events = SubscriptionEventCallbacks(incompatible_qos=incompatible_qos_warning(self, topic, prefix))
-            return self.create_subscription(msg_type, topic, self._guard(callback), qos, event_callbacks=events)
+            return self.create_subscription(msg_type, topic, self._guard(callback), qos, event_callbacks=events, raw=raw)
 
         def _now(self) -> float:
             return self.get_clock().now().nanoseconds * 1e-9
@@ -343,10 +415,18 @@ def make_node_class():
 
             def on_image(msg) -> None:
                 t_recv = time.perf_counter()
+                self.last_receive_wall = time.time()
                 now = self._now()
                 self.received[stream] += 1
                 try:
-                    if not compressed:
+                    if not compressed:  # serialized bytes (raw subscription): read in place, no pixel copy
+                        try:
+                            msg = RawImage.parse(msg)
+                        except ValueError:  # an encapsulation we do not parse ourselves, or a broken message
+                            try:
+                                msg = deserialize_message(msg, Image)
+                            except Exception as exc:  # noqa: BLE001 - rclpy raises several kinds here
+                                raise ros_convert.MessageError(f"image message cannot be deserialized ({exc})") from None
                         check_encoding(msg.encoding)
                         ros_convert.check_image(msg)
                     stamp = self._stamp(msg, now)
@@ -464,7 +544,8 @@ def make_node_class():
                 tm = chunk.timings
                 self.timing_pub.publish(Float64MultiArray(data=[
                     float(obs_stamp), node_ms, runtime_ms, convert_ms, (done - t_pub) * 1e3, tm.get("preprocess", 0.0),
-                    tm.get("encoder", 0.0), tm.get("policy", 0.0), tm.get("sample_decode", 0.0)]))
+                    tm.get("encoder", 0.0), tm.get("policy", 0.0), tm.get("sample_decode", 0.0),
+                    self.last_receive_wall if stamp is not None else time.time() - node_ms * 1e-3]))
             return True
 
         def _reset_episode(self) -> None:
