@@ -236,6 +236,20 @@ def test_cli_export_and_eval_with_model(models, work, capsys):
     assert metrics["env"] == "multipath" and metrics["source"] == str(out)
 
 
+def test_bench_policy_reports_stages_and_speedup(models, capsys):
+    from vqbet_core.runtime import bench
+
+    for name, extra in (("vqbet", []), ("image", ["--sizes", str(IMG)])):
+        assert bench.main(["--model", str(models[name][1]), "--steps", "4", "--warmup", "1", "--threads", "1", *extra]) == 0
+        out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        label = "state" if name == "vqbet" else f"{IMG}x{IMG}"
+        entry = out["results"][label]
+        stages = {"preprocess", "policy", "sample_decode", "total"} | ({"encoder"} if name == "image" else set())
+        assert stages <= set(entry["runtime_ms"]) and stages <= set(entry["torch_eager_ms"])
+        assert entry["runtime_ms"]["total"]["p50"] > 0 and out["speedup"][label] == entry["speedup"] > 0
+        assert 0 <= entry["outside_graphs_fraction"] < 1
+
+
 # ---------------------------------------------------------------------- bad folders and inputs
 def one_line(exc: pytest.ExceptionInfo) -> str:
     msg = str(exc.value)

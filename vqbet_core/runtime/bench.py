@@ -148,7 +148,8 @@ def bench_pair(runtime: RuntimeStepper, torch_side: TorchStepper | None, obs: li
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="vqbet bench policy", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="vqbet bench policy",
+                                description="Per-stage step latency of an exported model: onnxruntime runtime vs torch eager (one JSON line).")
     p.add_argument("--model", required=True, help="exported model folder")
     p.add_argument("--checkpoint", default=None, help="run folder for the torch side (default: training.run in model.yaml)")
     p.add_argument("--sizes", type=int, nargs="+", default=[96, 224], help="square image sizes (image models)")
