@@ -51,6 +51,8 @@ class VQBeTPolicy(Policy):
         self.n_codes, self.n_layers = int(vq["n_codes"]), int(vq["n_layers"])
         self.chunk_dim = self.action_chunk * action_dim
         self.offset_codes = loss.get("offset_codes", "sampled")
+        if self.offset_codes is True:  # `--set loss.offset_codes=true` parses as a YAML boolean
+            self.offset_codes = "true"
         if self.offset_codes not in OFFSET_CODES:
             raise ConfigError(f"loss.offset_codes must be one of {OFFSET_CODES}, got {self.offset_codes!r}")
         self.sequential = bool(cfg.get("sampling", {}).get("sequential", True)) and self.n_layers >= 2
