@@ -91,13 +91,16 @@ def run_kills(tmp: Path, kills: int, seed: int, episode_s=(0.05, 0.3)) -> dict:
             rec = procs.start(f"rec{cycle}", S.recorder_args(out, cal, {"flush_every": 2, "control_hz": HZ,
                                                                         "status_period": 0.1}))
             n_killed = len(killed)
-            if rng.random() < 0.2:  # during start-up: imports, store recovery, discovery
+            killer = None
+            mode = rng.random()
+            if mode < 0.2:  # during start-up: imports, store recovery, discovery
                 killer = _kill_later(procs, rec, rng.uniform(0.2, 1.5), killed)
                 _wait_alive(client, rec)
             else:
                 if not _wait_alive(client, rec):
                     raise AssertionError(f"recorder died on its own: {rec.log_path.read_text()[-2000:]}")
-                killer = _kill_later(procs, rec, rng.uniform(0.1, 1.6), killed)
+                if mode < 0.6:  # else armed after the first commit, so every run commits episodes
+                    killer = _kill_later(procs, rec, rng.uniform(0.1, 1.6), killed)
             while rec.poll() is None:
                 start = _call_until(client, rec, "start_episode")
                 if start is None or not start.success:
@@ -105,11 +108,14 @@ def run_kills(tmp: Path, kills: int, seed: int, episode_s=(0.05, 0.3)) -> dict:
                 end = time.monotonic() + rng.uniform(*episode_s)
                 while time.monotonic() < end and rec.poll() is None:
                     client.executor.spin_once(timeout_sec=0.01)
-                verb = "end_episode" if rng.random() < 0.85 else "discard_episode"
+                verb = "end_episode" if rng.random() < 0.85 or killer is None else "discard_episode"
                 res = _call_until(client, rec, verb)
                 if res is not None and res.success and verb == "end_episode":
                     index, rest = res.message.split(" committed: ")
                     committed[int(index.split()[1])] = int(rest.split()[0])
+                if killer is None and rec.poll() is None:
+                    killer = _kill_later(procs, rec, rng.uniform(0.0, 1.2), killed)
+            assert killer is not None, f"recorder died on its own: {rec.log_path.read_text()[-2000:]}"
             killer.join()
             assert len(killed) == n_killed + 1 and rec.returncode == -9, "the recorder was not SIGKILLed"
             _check_committed(out, committed)

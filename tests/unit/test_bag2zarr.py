@@ -5,7 +5,6 @@ of the sampling rule. (The comparison with the live recorder on the same streams
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import cv2

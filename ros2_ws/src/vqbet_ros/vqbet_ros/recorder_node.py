@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import rclpy
 from rcl_interfaces.msg import ParameterDescriptor, SetParametersResult
@@ -83,6 +84,10 @@ class RecorderNode(Node):
         self.task = p["task"]
         self.mapper = ros_convert.JointMapper(self.calibration.joint_names)
         self.sampler = StreamSampler(stream_keys(cams), self.control_hz, p["max_age"], p["max_wait"])
+        # frames a tick will select are decoded and resized on worker threads (OpenCV releases the GIL), so
+        # the executor keeps taking messages instead of stalling in cv2.resize
+        self.decode_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="decode")
+        self.sampler.prefetch = self.decode_pool.submit
         settings = {"max_age": p["max_age"], "max_wait": p["max_wait"], "stamp_source": p["stamp_source"],
                     "preprocess_images": p["preprocess_images"], "command_topic": p["command_topic"],
                     "command_type": p["command_type"]}
@@ -404,6 +409,7 @@ class RecorderNode(Node):
                           file=sys.stderr)
             else:
                 self.writer.discard()
+        self.decode_pool.shutdown(wait=False, cancel_futures=True)
         self.writer.close()
 
 
