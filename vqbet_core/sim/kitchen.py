@@ -29,8 +29,13 @@ Task completion uses the official thresholds (``OBS_ELEMENT_GOALS``, norm < ``BO
 true joint state; a task counts once, when it first gets within the threshold. The mode label is the
 completion order, e.g. ``"microwave>light switch>slide cabinet>bottom burner"``.
 
-Rendering is headless (``MUJOCO_GL=egl`` unless already set) with shadows and multisampling off,
-which makes a 128x128 frame ~25x cheaper than the model's defaults.
+Rendering is headless (``MUJOCO_GL=egl`` unless already set, which must happen before mujoco is
+first imported) with shadows and multisampling off: ~20x cheaper than the model's defaults.
+
+The scripted expert (``KitchenExpert``) does the tasks in a random order per episode. Measured with
+seeds 1000.., ``rng = default_rng([seed, 1])`` as ``vqbet sim-demos`` draws it: default env (4 of 5):
+50 of 50 episodes complete 4 tasks, 277 steps on average (max 342), 40 distinct orders (5.2 bits);
+``goal_count=5``: 30 of 30 complete all 5, 346 steps on average (max 397).
 """
 
 from __future__ import annotations
@@ -83,25 +88,28 @@ class KitchenEnv(SimEnv):
         robot_noise_ratio: float = 0.01,
         object_noise_ratio: float = 0.0005,
     ):
-        tasks = tuple(tasks)
+        tasks = (tasks,) if isinstance(tasks, str) else tuple(tasks)
         bad = [t for t in tasks if t not in ALL_TASKS]
         if bad or not tasks or len(set(tasks)) != len(tasks):
             raise VqbetError(f"kitchen tasks {list(tasks)}: expected distinct names from {list(ALL_TASKS)}")
-        if goal_count is None:
-            goal_count = min(4, len(tasks))
-        if not 1 <= int(goal_count) <= len(tasks):
-            raise VqbetError(f"kitchen goal_count={goal_count}: expected 1..{len(tasks)} (the number of tasks)")
+        goal_count = min(4, len(tasks)) if goal_count is None else goal_count
+        if not _is_int(goal_count) or not 1 <= goal_count <= len(tasks):
+            raise VqbetError(f"kitchen goal_count={goal_count!r}: expected an int in 1..{len(tasks)} (the number of tasks)")
         if action_mode not in ACTION_MODES:
-            raise VqbetError(f"kitchen action_mode '{action_mode}': expected one of {', '.join(ACTION_MODES)}")
-        if image_size is not None and not 16 <= int(image_size) <= 1024:
-            raise VqbetError(f"kitchen image_size={image_size}: expected None or an int in 16..1024")
+            raise VqbetError(f"kitchen action_mode={action_mode!r}: expected one of {', '.join(ACTION_MODES)}")
+        if image_size is not None and (not _is_int(image_size) or not 16 <= image_size <= 1024):
+            raise VqbetError(f"kitchen image_size={image_size!r}: expected None or an int in 16..1024")
+        if max_steps is not None and (not _is_int(max_steps) or max_steps < 1):
+            raise VqbetError(f"kitchen max_steps={max_steps!r}: expected None or a positive int")
+        for name, ratio in (("robot_noise_ratio", robot_noise_ratio), ("object_noise_ratio", object_noise_ratio)):
+            if not isinstance(ratio, (int, float)) or not 0 <= ratio <= 1:
+                raise VqbetError(f"kitchen {name}={ratio!r}: expected a number in [0, 1]")
         self.tasks = tasks
         self.goal_count = int(goal_count)
         self.image_size = None if image_size is None else int(image_size)
         self.action_mode = action_mode
+        self.action_is_joint_target = action_mode == "joint_pos"
         self._max_steps = int(max_steps) if max_steps is not None else 140 * self.goal_count
-        if self._max_steps < 1:
-            raise VqbetError(f"kitchen max_steps={max_steps}: expected a positive int")
 
         self._gym = _GymKitchenEnv(
             tasks_to_complete=list(tasks),
@@ -114,7 +122,8 @@ class KitchenEnv(SimEnv):
         self._robot = self._gym.robot_env
         self.model.vis.quality.shadowsize = 0
         self.model.vis.quality.offsamples = 0
-        self.dt = float(self._robot.dt)
+        self.dt = float(self._robot.dt)  # 0.08 s: 40 physics steps of 2 ms
+        self.control_hz = 1.0 / self.dt
         self.joint_names = [
             mujoco.mj_id2name(self.model, mujoco.mjtObj.mjOBJ_JOINT, j).removeprefix("robot:") for j in range(9)
         ]
@@ -123,7 +132,7 @@ class KitchenEnv(SimEnv):
         self.q_low = np.maximum(self.model.jnt_range[:9, 0], self._robot.robot_pos_bound[:9, 0])
         self.q_high = np.minimum(self.model.jnt_range[:9, 1], self._robot.robot_pos_bound[:9, 1])
 
-        cameras = tuple(cameras)
+        cameras = (cameras,) if isinstance(cameras, str) else tuple(cameras)
         named = [mujoco.mj_id2name(self.model, mujoco.mjtObj.mjOBJ_CAMERA, i) for i in range(self.model.ncam)]
         for cam in cameras:
             if cam != "front" and cam not in named:
@@ -195,9 +204,9 @@ class KitchenEnv(SimEnv):
     def dataset_attrs(self) -> dict:
         return {
             "source": f"sim:{self.name}",
-            "env": "gymnasium_robotics FrankaKitchen-v1",
+            "simulator": "gymnasium_robotics FrankaKitchen-v1 (mujoco)",
             "joint_names": list(self.joint_names),
-            "control_hz": 1.0 / self.dt,
+            "control_hz": self.control_hz,
             "tasks": list(self.tasks),
             "goal_count": self.goal_count,
             "obs_keys": self.obs_keys,
@@ -207,6 +216,22 @@ class KitchenEnv(SimEnv):
             "action_mode": self.action_mode,
             "action_dim": self.action_dim,
         }
+
+    # ------------------------------------------------------------------ joint-space robot protocol (SimRobot)
+    def joint_positions(self) -> np.ndarray:
+        """Measured joint positions (``joint_names`` order, with the env's sensor noise), as ``robot_joint``."""
+        if self._last_obs is None:
+            raise VqbetError("kitchen joint_positions() called before reset()")
+        return self._last_obs["robot_joint"].astype(np.float64)
+
+    def step_joints(self, targets: np.ndarray) -> tuple[dict, bool]:
+        """One control step toward joint position ``targets``, whatever the action mode."""
+        if self.action_is_joint_target:
+            return self.step(targets)
+        targets = np.asarray(targets, dtype=np.float64).reshape(-1)
+        if targets.shape != (9,) or not np.all(np.isfinite(targets)):
+            raise VqbetError(f"kitchen joint targets of shape {targets.shape}: expected 9 finite numbers")
+        return self.step(self.position_to_velocity(targets))
 
     # ------------------------------------------------------------------ control
     def position_to_velocity(self, target: np.ndarray) -> np.ndarray:
@@ -239,7 +264,11 @@ class KitchenEnv(SimEnv):
         key = (size, size)
         renderer = self._renderers.get(key)
         if renderer is None:
-            renderer = self._renderers[key] = mujoco.Renderer(self.model, size, size)
+            try:
+                renderer = self._renderers[key] = mujoco.Renderer(self.model, size, size)
+            except mujoco.FatalError as exc:
+                raise VqbetError(f"kitchen rendering: no OpenGL context ({exc}); set MUJOCO_GL=egl (or osmesa) "
+                                 "before mujoco is first imported") from None
         if camera == "front":
             cam = mujoco.MjvCamera()
             cam.type = mujoco.mjtCamera.mjCAMERA_FREE
@@ -292,6 +321,10 @@ def order_entropy(modes: list[str | None]) -> float:
     _, counts = np.unique(labels, return_counts=True)
     p = counts / counts.sum()
     return float(-(p * np.log2(p)).sum())
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
 
 
 # ====================================================================== scripted expert
