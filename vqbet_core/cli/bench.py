@@ -8,9 +8,9 @@
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import json
-import sys
 
 OTHER = {
     "policy": "vqbet_core.runtime.bench",
@@ -22,19 +22,24 @@ OTHER = {
 
 def add_arguments(p) -> None:
     p.add_argument("what", choices=["train", *OTHER], help="which benchmark")
-    p.add_argument("rest", nargs="*", help="arguments of that benchmark (see vqbet bench WHAT -- --help)")
-    p.add_argument("--policy", choices=["vqbet", "bet"], default="vqbet", help="train: policy kind")
-    p.add_argument("--steps", type=int, default=30, help="train: timed optimizer steps")
-    p.add_argument("--batch-size", type=int, default=256, help="train: batch size")
-    p.add_argument("--obs-dim", type=int, default=60, help="train: observation dim (60 = Kitchen state)")
-    p.add_argument("--action-dim", type=int, default=9, help="train: action dim")
-    p.add_argument("--window", type=int, default=10, help="train: observation window T")
-    p.add_argument("--chunk", type=int, default=1, help="train: action chunk W")
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="options of that benchmark (vqbet bench WHAT --help)")
+
+
+def train_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="vqbet bench train", description="phase-2 training throughput on synthetic data")
+    p.add_argument("--policy", choices=["vqbet", "bet"], default="vqbet")
+    p.add_argument("--steps", type=int, default=30, help="timed optimizer steps")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--obs-dim", type=int, default=60, help="observation dim (60 = Kitchen state)")
+    p.add_argument("--action-dim", type=int, default=9)
+    p.add_argument("--window", type=int, default=10, help="observation window T")
+    p.add_argument("--chunk", type=int, default=1, help="action chunk W")
     p.add_argument("--layers", type=int, default=6)
     p.add_argument("--heads", type=int, default=6)
     p.add_argument("--width", type=int, default=120)
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    return p
 
 
 def bench_train(args) -> dict:
@@ -92,8 +97,9 @@ def bench_train(args) -> dict:
 
 
 def run(args) -> int:
+    rest = [a for a in args.rest if a != "--"]
     if args.what == "train":
-        print(json.dumps(bench_train(args)))
+        print(json.dumps(bench_train(train_parser().parse_args(rest))))
         return 0
     from vqbet_core.errors import VqbetError
 
@@ -101,5 +107,5 @@ def run(args) -> int:
         module = importlib.import_module(OTHER[args.what])
     except ModuleNotFoundError as exc:
         raise VqbetError(f"benchmark '{args.what}' is not available ({exc.name} is not installed)") from None
-    argv = ([args.what] if OTHER[args.what].endswith("recording.bench") else []) + list(args.rest)
+    argv = ([args.what] if OTHER[args.what].endswith("recording.bench") else []) + rest
     return int(module.main(argv) or 0)

@@ -151,7 +151,7 @@ class Trainer:
             "n_val_episodes": int(len(self.data.val_episodes)),
             "dataset_attrs": {k: v for k, v in self.data.dataset_attrs.items()
                               if k in ("episode_modes", "episode_tasks", "joint_names", "control_hz", "source", "variant", "tasks", "cameras", "robot",
-                                       "env", "env_args")},
+                                       "env", "env_args", "goal_vectors")},
         })
         self.log = MetricsLog(self.run_dir, self.is_main)
         self._opt_state = self._load_optimizer_state() if resume_state is not None else None
