@@ -94,7 +94,7 @@ class KitchenEnv(SimEnv):
             raise VqbetError(f"kitchen tasks {list(tasks)}: expected distinct names from {list(ALL_TASKS)}")
         goal_count = min(4, len(tasks)) if goal_count is None else goal_count
         if not _is_int(goal_count) or not 1 <= goal_count <= len(tasks):
-            raise VqbetError(f"kitchen goal_count={goal_count!r}: expected an int in 1..{len(tasks)} (the number of tasks)")
+            raise VqbetError(f"kitchen goal_count={goal_count!r}: expected an int in 1..{len(tasks)} (number of tasks)")
         if action_mode not in ACTION_MODES:
             raise VqbetError(f"kitchen action_mode={action_mode!r}: expected one of {', '.join(ACTION_MODES)}")
         if image_size is not None and (not _is_int(image_size) or not 16 <= image_size <= 1024):
@@ -180,7 +180,8 @@ class KitchenEnv(SimEnv):
             raise VqbetError("kitchen step() called before reset()")
         a = np.asarray(action, dtype=np.float64).reshape(-1)
         if a.shape != (9,) or not np.all(np.isfinite(a)):
-            raise VqbetError(f"kitchen action of shape {np.shape(action)}: expected 9 finite numbers ({self.action_mode})")
+            raise VqbetError(f"kitchen action of shape {np.shape(action)}: expected 9 finite numbers "
+                             f"({self.action_mode})")
         vel = self.position_to_velocity(a) if self.action_mode == "joint_pos" else a
         gym_obs, *_ = self._gym.step(vel)
         self._t += 1
@@ -195,7 +196,8 @@ class KitchenEnv(SimEnv):
             success=n >= self.goal_count,
             mode=">".join(self._completed) if n else None,
             length=self._t,
-            info={"completed": list(self._completed), "num_completed": n, "tasks": list(self.tasks), "goal_count": self.goal_count},
+            info={"completed": list(self._completed), "num_completed": n, "tasks": list(self.tasks),
+                  "goal_count": self.goal_count},
         )
 
     def make_expert(self) -> "KitchenExpert":
@@ -341,7 +343,7 @@ _R_FORWARD = np.array([[0.0, 1.0, 0.0], [0.0, 0.0, 1.0], [1.0, 0.0, 0.0]])
 
 
 def gripper_rot(yaw: float = 0.0, pitch: float = 0.0) -> np.ndarray:
-    """End-effector orientation: forward-pointing gripper turned by ``yaw`` about world z, tilted by ``pitch`` (down < 0)."""
+    """End-effector orientation: forward-pointing gripper turned by ``yaw`` about world z, ``pitch`` up (> 0) / down."""
     return _rot([0, 0, 1], yaw) @ _rot([1, 0, 0], pitch) @ _R_FORWARD
 
 
@@ -363,7 +365,7 @@ class _Kinematics:
         self._jp = np.zeros((3, self.m.nv))
         self._jr = np.zeros((3, self.m.nv))
         root = self.m.body("panda0_link0").parentid[0]
-        self._robot_bodies = {b for b in range(self.m.nbody) if self.m.body_rootid[b] == self.m.body_rootid[root] and b >= root}
+        self._robot_bodies = {b for b in range(root, self.m.nbody) if self.m.body_rootid[b] == self.m.body_rootid[root]}
 
     def path_clear(self, qa: np.ndarray, qb: np.ndarray, samples: int = 12) -> bool:
         """Whether the straight joint-space path qa -> qb keeps the arm out of the kitchen (objects as now)."""
@@ -459,12 +461,15 @@ _HOME_POS = (-0.3, 0.35, 2.15)
 _BAR_WEIGHTS = np.array([1.0, 1.0, 1.0, 1.0, 1.0, 0.2])
 PLANS = {
     "microwave": dict(site="microhandle_site", joint="microwave", goal=-0.75, lead=0.2, yaw=0.6, pitch=-0.6,
-                      offset=(0.0, 0.0, 0.08), follow=0.6, bar=True, posture=(-1.344, -1.093, 2.117, -1.945, -0.382, 1.981, 1.327)),
+                      offset=(0.0, 0.0, 0.08), follow=0.6, bar=True,
+                      posture=(-1.344, -1.093, 2.117, -1.945, -0.382, 1.981, 1.327)),
     # grasped from the right, hand turned left: an open hinge door leaves no room left of the handle
     "slide cabinet": dict(site="slide_site", joint="slide_cabinet", goal=0.30, lead=0.06, yaw=1.0, pitch=0.0,
-                          offset=(0.0, 0.0, -0.06), bar=True, posture=(1.704, -1.339, -0.935, -1.937, -0.478, 1.015, -0.524)),
+                          offset=(0.0, 0.0, -0.06), bar=True,
+                          posture=(1.704, -1.339, -0.935, -1.937, -0.478, 1.015, -0.524)),
     "hinge cabinet": dict(site="hinge_site2", joint="right_hinge_cabinet", goal=1.35, lead=0.2, yaw=0.0, pitch=0.0,
-                          offset=(0.0, 0.0, -0.04), follow=0.6, bar=True, posture=(-0.405, -1.317, 0.702, -2.301, 0.388, 1.155, 0.327)),
+                          offset=(0.0, 0.0, -0.04), follow=0.6, bar=True,
+                          posture=(-0.405, -1.317, 0.702, -2.301, 0.388, 1.155, 0.327)),
     "bottom burner": dict(site="knob2_site", joint="knob_Joint_2", goal=-0.8, lead=0.3, yaw=0.0, pitch=0.2,
                           offset=(0.0, 0.0, 0.0), depth=-0.04, twist=True, posture=_REST),
     # pushed, not grasped: closed fingers start right of the lever and sweep left
@@ -505,7 +510,7 @@ class KitchenExpert(Expert):
             raise VqbetError("KitchenExpert.reset: expected the env that made this expert")
         self.order = [self.env.tasks[i] for i in rng.permutation(len(self.env.tasks))]
         self.speed_scale = float(rng.uniform(0.85, 1.15))
-        self.log = []  # (task, "done" | "failed" | "abandoned"), for diagnostics
+        self.log = []  # (task, "done" | "failed" | "abandoned"), for diagnostics; the last done task is not logged
         self._program = None
 
     def act(self, obs: dict) -> np.ndarray:
@@ -531,6 +536,9 @@ class KitchenExpert(Expert):
     # ------------------------------------------------------------------ program
     def _run(self):
         for task in self.order:
+            if task in self.env.completed:  # done on the way (a door pushed open by the arm)
+                self.log.append((task, "done"))
+                continue
             finished = False
             for steps, _ in enumerate(self._task(task, PLANS[task]), start=1):
                 if steps > self.task_budget:
@@ -540,7 +548,9 @@ class KitchenExpert(Expert):
                 finished = True
             done = task in self.env.completed
             self.log.append((task, "done" if done else ("failed" if finished else "abandoned")))
-            if not finished:
+            if not finished:  # continue from where the hand is commanded now, whatever the primitive was
+                self._p_cmd, self._r_cmd = self.kin.fk(self._q_cmd)
+                self._joint_goal = self._ik_weights = None
                 yield from self._release_and_back_off()
 
     def _task(self, task: str, plan: dict):
@@ -618,7 +628,7 @@ class KitchenExpert(Expert):
         yield from self._move(self._p_cmd - distance * self._r_cmd[:, 2], self._r_cmd, tol=0.03, max_steps=15)
 
     def _transit(self, pos, rot, grip, posture):
-        """Joint-space move to the IK solution of (pos, rot) nearest ``posture`` (via home if the direct path collides)."""
+        """Joint-space move to the IK solution of (pos, rot) near ``posture``; via home if the direct path collides."""
         q_goal = self.kin.ik(np.asarray(posture, dtype=float), pos, rot, iters=300, max_change=np.inf)
         if np.linalg.norm(self.kin.fk(q_goal)[0] - pos) > 0.03:  # no solution near the posture: go in Cartesian space
             yield from self._move(pos, rot, grip, tol=0.015, max_steps=60)
