@@ -18,7 +18,7 @@ from vqbet_core.history import ObservationHistory
 
 class TorchAgent:
     def __init__(self, run_dir: str | Path, device: str = "cpu", temperature: float | None = None, seed: int = 0,
-                 blend: bool = True):
+                 blend: bool | None = None):
         from vqbet_core.train.checkpoint import load_policy
 
         self.policy, self.normalizer, self.cfg, self.meta, self.encoder = load_policy(Path(run_dir), device)
@@ -26,6 +26,8 @@ class TorchAgent:
         self.temperature = self.cfg["sampling"]["temperature"] if temperature is None else temperature
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
         self.history = ObservationHistory(self.policy.obs_window)
+        if blend is None:  # the config's default: average overlapping chunks (the paper) or not
+            blend = self.cfg["sampling"].get("blend", "average") != "none"
         self.blender = ChunkAverager(self.policy.action_chunk) if blend else None
         self.obs_keys = self.meta["obs_keys"]
         self.image_keys = self.meta["image_keys"]

@@ -30,7 +30,7 @@ DEFAULTS: dict = {
     "heads": {"hidden": 512},
     "loss": {"primary": 5.0, "secondary": 0.5, "offset": 100.0, "focal_gamma": 2.0, "offset_codes": "sampled"},
     "bet": {"n_bins": 24, "offset_weight": 100.0},
-    "sampling": {"temperature": 1.0, "sequential": True},
+    "sampling": {"temperature": 1.0, "sequential": True, "blend": "average"},  # blend: average | none
     "train": {
         "seed": 0,
         "device": "auto",

@@ -20,8 +20,9 @@ def add_arguments(p) -> None:
     p.add_argument("--plot", help="save a plot (trajectories for multipath, mode frequencies otherwise) to this PNG")
     p.add_argument("--video", help="save an mp4 of the first episode")
     p.add_argument("--contact-sheet", help="save a contact sheet PNG of the first episode")
-    p.add_argument("--no-blend", action="store_true",
-                   help="execute the newest chunk's first action instead of averaging overlapping chunks")
+    p.add_argument("--blend", choices=["average", "none"], default=None,
+                   help="average overlapping chunks (the paper) or execute the newest chunk's first action "
+                        "(default: the model's sampling.blend)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--progress", action="store_true", help="show a progress bar")
 
@@ -50,12 +51,12 @@ def run(args) -> int:
         from vqbet_core.agent import TorchAgent
 
         agent = TorchAgent(args.checkpoint, device=args.device, temperature=args.temperature, seed=args.seed,
-                           blend=not args.no_blend)
+                           blend=None if args.blend is None else args.blend == "average")
         attrs = agent.meta.get("dataset_attrs", {})
     else:
         from vqbet_core.runtime.agent import RuntimeAgent
 
-        agent = RuntimeAgent(args.model, temperature=args.temperature, seed=args.seed, blend=not args.no_blend)
+        agent = RuntimeAgent(args.model, temperature=args.temperature, seed=args.seed, blend=None if args.blend is None else args.blend == "average")
         attrs = agent.model.meta.get("dataset_attrs", {})
     torch.set_num_threads(max(1, torch.get_num_threads()))
     env_args = {**(attrs.get("env_args") or {}), **parse_env_args(args.env_arg)}

@@ -73,6 +73,7 @@ class ModelSpec:
     temperature: float
     normalizer: Normalizer
     decode_table: np.ndarray
+    blend: str = "average"  # default chunk blending for rollouts: average (the paper) | none
     goal_vectors: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
@@ -196,6 +197,9 @@ def load_spec(model_dir: str | Path, verify_hashes: bool = True) -> ModelSpec:
     sequential = bool(codes.get("sequential", False))
     sampling = _get(meta, "sampling", dict, where)
     temperature = _get(sampling, "temperature", (int, float), f"{where}: sampling")
+    blend = str(sampling.get("blend", "average"))
+    if blend not in ("average", "none"):
+        raise _fail(where, f"sampling.blend must be average or none, got {blend!r}")
     files = _get(meta, "files", dict, where)
     for key in ("policy", "arrays") + (("encoder",) if image_keys else ()):
         if not isinstance(files.get(key), dict) or not isinstance(files[key].get("file"), str):
@@ -251,7 +255,7 @@ def load_spec(model_dir: str | Path, verify_hashes: bool = True) -> ModelSpec:
                      feature_dim=feature_dim, obs_dim=obs_dim, obs_window=obs_window, action_dim=action_dim,
                      action_chunk=action_chunk, joint_names=joint_names, control_hz=float(control_hz), goal_dim=goal_dim,
                      goal_names=goal_names, n_layers=n_layers, n_codes=n_codes, sequential=sequential,
-                     temperature=float(temperature), normalizer=normalizer, decode_table=table, goal_vectors=goal_vectors)
+                     temperature=float(temperature), blend=blend, normalizer=normalizer, decode_table=table, goal_vectors=goal_vectors)
 
 
 # ---------------------------------------------------------------------- graph checks
