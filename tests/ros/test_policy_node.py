@@ -521,11 +521,14 @@ def test_compressed_camera_trigger_mode_enabled_at_start_and_hold_on_sigint(tiny
             spin(0.1)
         end = time.monotonic() + 3
         while time.monotonic() < end and not (diags and int(diags[-1]["bad_camera_front"]) >= bad):
+            frame()  # keep the camera fresh: the node must still be commanding at SIGINT
             spin(0.1)
         stamps = {m.header.stamp.sec * 1_000_000_000 + m.header.stamp.nanosec for m in got if len(m.points) > 1}
         matched = [s for s in sent if any(abs(s - t) <= 2000 for t in stamps)]
         assert len(matched) >= len(sent) - 2, f"{len(matched)} of {len(sent)} frames answered with their own stamp"
         assert diags and int(diags[-1]["bad_camera_front"]) == bad and bad >= 3
+        frame()
+        spin(0.05)
         n_before = len(got)
         proc.send_signal(signal.SIGINT)
         assert proc.wait(15) == 0

@@ -180,6 +180,7 @@ def _percentile(values, q: float) -> float:
 def make_node_class():
     """The rclpy node class (built lazily so ``JointStateMerger`` imports without ROS)."""
     from rcl_interfaces.msg import ParameterDescriptor, ParameterType, SetParametersResult
+    from rclpy.duration import Duration
     from rclpy.event_handler import SubscriptionEventCallbacks
     from rclpy.node import Node
     from rclpy.qos import QoSProfile, ReliabilityPolicy
@@ -667,6 +668,8 @@ def make_node_class():
             if self.commanding:
                 try:
                     self._stop("node shutting down")
+                    # the hold must reach the controller before this process's DDS participant goes away
+                    self.traj_pub.wait_for_all_acked(Duration(seconds=1.0))
                 except Exception:  # noqa: BLE001 - context may already be gone
                     pass
 
@@ -675,29 +678,47 @@ def make_node_class():
 
 def main(args=None) -> int:
     import rclpy
-    from rclpy.executors import ExternalShutdownException
+    from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
     from rclpy.signals import SignalHandlerOptions
 
-    # own SIGINT/SIGTERM handling, so the node can still publish its hold trajectory on the way out
+    # Own SIGINT/SIGTERM handling: the handler only sets a flag that the spin loop checks, so the node can
+    # still publish its hold trajectory on the way out (rclpy's handler shuts the context down first), and
+    # no exception is raised in the middle of an rclpy call (that surfaces as a pybind11 RuntimeError).
     rclpy.init(args=args, signal_handler_options=SignalHandlerOptions.NO)
+    stop = {"requested": False, "running": False}
 
     def _terminate(signum, frame):
-        raise KeyboardInterrupt
+        stop["requested"] = True
+        if not stop["running"]:
+            raise KeyboardInterrupt  # still loading the model: just leave
 
     signal.signal(signal.SIGTERM, _terminate)
     signal.signal(signal.SIGINT, _terminate)
-    node, code = None, 0
+    node, code, executor = None, 0, None
     try:
         node = make_node_class()()
-        rclpy.spin(node)
+        executor = SingleThreadedExecutor()
+        executor.add_node(node)
+        stop["running"] = True
+        while rclpy.ok() and not stop["requested"]:
+            try:
+                executor.spin_once(timeout_sec=0.1)
+            except (KeyboardInterrupt, ExternalShutdownException):
+                raise
+            except Exception as exc:  # noqa: BLE001 - e.g. a message rclpy itself cannot take: never fatal
+                node.counts["internal_errors"] += 1
+                node.get_logger().error(f"executor: {type(exc).__name__}: {exc}", throttle_duration_sec=5.0)
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
     except VqbetError as exc:
         print(f"policy_node: error: {exc}", file=sys.stderr)
         code = 2
     finally:
+        stop["running"] = False
         if node is not None:
             node.finish()
+            if executor is not None:
+                executor.shutdown()
             node.destroy_node()
         if rclpy.ok():
             rclpy.shutdown()
