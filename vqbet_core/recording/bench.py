@@ -68,7 +68,7 @@ def bench_recorder(args) -> dict:
     try:
         fake = ["-m", "vqbet_ros.fake_streams", "--joints", ",".join(JOINTS), "--joint-hz", str(args.joint_hz),
                 "--camera-hz", str(args.camera_hz), "--command-hz", str(args.camera_hz), "--frames", "8",
-                "--reliability", args.reliability, "--depth", "10", "--log", str(tmp / "published.jsonl")]
+                "--reliability", args.reliability, "--depth", str(args.pub_depth), "--log", str(tmp / "published.jsonl")]
         for name in cams:
             fake += ["--camera", f"{name}:/{name}/image_raw:rgb8:{args.width}x{args.height}"]
         pub = start("fake_streams", fake)
@@ -109,7 +109,7 @@ def bench_recorder(args) -> dict:
             "bench": "recorder", "duration_s": round(wall, 1), "cameras": args.cameras,
             "camera": f"{args.width}x{args.height} rgb8 @ {args.camera_hz:g} Hz", "joint_hz": args.joint_hz,
             "control_hz": args.control_hz, "stored_image": f"{args.size}x{args.size}",
-            "reliability": args.reliability, "large_data": bool(args.large_data),
+            "reliability": args.reliability, "large_data": bool(args.large_data), "publisher_depth": args.pub_depth,
             "steps": steps, "ticks_dropped": dropped, "stale_by_stream": stale, "late_by_stream": late,
             "bad_messages": bad,
             "drop_rate": round(dropped / max(steps + dropped, 1), 4),
@@ -272,6 +272,7 @@ def main(argv=None) -> int:
     rec.add_argument("--warmup", type=float, default=5.0)
     rec.add_argument("--reliability", choices=("reliable", "best_effort"), default="reliable")
     rec.add_argument("--large-data", action="store_true", help="FASTDDS_BUILTIN_TRANSPORTS=LARGE_DATA for both processes")
+    rec.add_argument("--pub-depth", type=int, default=10, help="publisher history depth (a camera driver's is 1-10)")
     rec.add_argument("--domain-id", type=int, default=77)
     rec.add_argument("--min-free-mb", type=float, default=1024.0)
     rec.add_argument("--keep", action="store_true", help="keep the temporary folder (logs, dataset)")
