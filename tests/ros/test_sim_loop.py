@@ -154,13 +154,29 @@ def test_scripted_teleop_records_an_episode(sim):
     json.dumps(result)
 
 
-def test_reset_service_starts_the_next_seed(sim):
+def test_reset_service_starts_the_next_seed_and_ignores_stale_commands(sim):
+    from builtin_interfaces.msg import Duration
+    from trajectory_msgs.msg import JointTrajectory, JointTrajectoryPoint
+
+    from vqbet_ros import ros_convert
+
     s = sim["session"]
+    pub = s.node.create_publisher(JointTrajectory, "/arm_controller/joint_trajectory", 10)
+    s.wait_for(lambda: pub.get_subscription_count() > 0, 10, "the simulator's trajectory subscription")
     first = s.reset()
+    before_reset = s.node.get_clock().now().nanoseconds
+    time.sleep(0.05)
     second = s.reset()
     assert second["episode"] == first["episode"] + 1 and second["seed"] == first["seed"] + 1
-    # the new episode runs (no commands: the pusher holds) and ends after MAX_STEPS with a result
+    # a trajectory stamped before the reset (a command for the previous episode, still in flight) is ignored
+    stale = JointTrajectory(joint_names=["pusher_x", "pusher_y"])
+    stale.header.stamp = ros_convert.ns_to_time(before_reset)
+    stale.points = [JointTrajectoryPoint(positions=[0.6, 0.3], time_from_start=Duration(sec=5))]
+    pub.publish(stale)
+    n = len(s.joint_states)
+    # the new episode runs (no valid command: the pusher holds) and ends after MAX_STEPS with a result
     s.wait_for(lambda: any(r["episode"] == second["episode"] for r in s.results), 30, "the held episode's result")
     r = next(r for r in s.results if r["episode"] == second["episode"])
     assert r["length"] == MAX_STEPS and r["info"]["reached"] == 0
-    time.sleep(0.3)
+    q = np.stack([js[2] for js in s.joint_states[n:]])
+    np.testing.assert_allclose(q, np.tile([0.3, -0.4], (len(q), 1)), atol=3e-3)  # EFFECTOR_START, held

@@ -222,3 +222,53 @@ def test_simrobot_drives_blockpush_along_a_trajectory():
         assert abs(robot.joint_positions()[1] - start[1]) < 0.005
     finally:
         env.close()
+
+
+def test_env_with_joint_names_but_no_protocol_is_refused():
+    class Half(RecordingEnv):
+        action_is_joint_target = False
+        step_joints = SimEnv.step_joints
+
+    with pytest.raises(VqbetError, match="does not implement"):
+        SimRobot(Half())
+
+    class ActionIsTarget(RecordingEnv):  # the base step_joints forwards to step() when the action is the target
+        step_joints = SimEnv.step_joints
+
+    r = SimRobot(ActionIsTarget())
+    r.reset(seed=0)
+    r.set_target(["a", "b"], [[0.3, 0.4]], now=0.0)
+    r.tick(0.1)
+    np.testing.assert_allclose(r.env.targets, [[0.3, 0.4]])
+
+
+def test_scripted_teleop_driver_replays_the_sim_demos_expert():
+    """scripted_teleop_node's ROS-free core: /sim/state vectors in, the same targets sim-demos records out."""
+    teleop = pytest.importorskip("vqbet_ros.scripted_teleop_node")
+    from vqbet_ros.sim_robot_node import STATE_HEADER, lowdim_vector
+
+    seed = 4
+    env, local = BlockPushEnv(action_mode="target"), BlockPushEnv(action_mode="target")
+    try:
+        driver = teleop.ExpertDriver(local)
+        obs = env.reset(seed=seed)
+        expert = env.make_expert()
+        expert.reset(env, np.random.default_rng([seed, 1]))  # what vqbet sim-demos does for this seed
+        for step in range(30):
+            header = [2, seed, step, 1.0, 1700000000 + step, 5]
+            data = np.concatenate([header, lowdim_vector(obs, env.obs_keys)])
+            target, stamp_ns = driver.act(data)
+            assert stamp_ns == (1700000000 + step) * 1_000_000_000 + 5
+            np.testing.assert_array_equal(target.astype(np.float32), expert.act(obs))
+            assert driver.act(data) is None  # the same step again: no second command
+            obs, _ = env.step(target)
+        stopped = np.concatenate([[2, seed, 30, 0.0, 0, 0], lowdim_vector(obs, env.obs_keys)])
+        assert driver.act(stopped) is None  # episode over: the operator lets go
+        assert len(STATE_HEADER) == 6
+        with pytest.raises(ValueError, match="state values"):
+            driver.act(np.concatenate([[3, seed, 0, 1.0, 0, 0], np.zeros(5)]))
+        with pytest.raises(VqbetError, match="action_mode: target"):
+            teleop.ExpertDriver(BlockPushEnv())
+    finally:
+        env.close()
+        local.close()

@@ -101,7 +101,9 @@ class SimEnv(ABC):
 
     def step_joints(self, targets: np.ndarray) -> tuple[dict, bool]:
         """One control step towards joint position ``targets`` (``joint_names`` order); like ``step``."""
-        raise NotImplementedError(f"env '{self.name}' is not drivable as a robot (no joint_names)")
+        if self.action_is_joint_target:
+            return self.step(targets)
+        raise NotImplementedError(f"env '{self.name}' cannot be stepped from joint targets")
 
 
 def mode_frequencies(modes: list[str | None], keys: list[str] | None = None) -> dict[str, float]:

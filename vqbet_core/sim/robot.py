@@ -47,6 +47,11 @@ class SimRobot:
         names = list(getattr(env, "joint_names", []) or [])
         if not names:
             raise VqbetError(f"env '{env.name}' has no joint_names: it cannot be driven as a robot")
+        cls = type(env)
+        if cls.joint_positions is SimEnv.joint_positions or (
+                cls.step_joints is SimEnv.step_joints and not getattr(env, "action_is_joint_target", False)):
+            raise VqbetError(f"env '{env.name}' has joint_names but does not implement joint_positions() and "
+                             "step_joints() (or a joint-target action): it cannot be driven as a robot")
         self.env = env
         self.joint_names = names
         self.index = {n: i for i, n in enumerate(names)}

@@ -13,11 +13,16 @@ The env must take joint targets as its action (``action_is_joint_target``, e.g. 
 ``action_mode: target``).
 
 Recording (optional, ``recorder`` parameter set): the node also plays the operator at the recorder's
-buttons - ``~/reset`` the simulator, ``start_episode``, teleoperate until ``/sim/episode_result``, then
+buttons. It waits until the recorder is really receiving (its ``~/status`` shows joint states flowing
+and the command publisher is matched: DDS discovery of a just-started recorder takes a second or two),
+then per episode: ``start_episode``, simulator ``~/reset``, teleoperate until ``/sim/episode_result``,
 ``end_episode`` (or ``discard_episode`` for a failed one unless ``keep_failed``) - until ``episodes`` are
-recorded; with ``exit_when_done`` the process then exits (status 0).
+recorded; with ``exit_when_done`` the process then exits (status 0). Starting the recorder *before* the
+reset loses no step: its ticks before the first command (stamped after the reset) are dropped as
+incomplete, so the episode starts exactly at the new world's first observation.
 
-Run: ``ros2 run vqbet_ros scripted_teleop_node --ros-args -p env:=blockpush -p env_args:="{action_mode: target}"``.
+Run: ``ros2 run vqbet_ros scripted_teleop_node --ros-args -p env:=blockpush -p "env_args:='{action_mode: target}'"``
+(add ``-p recorder:=/recorder_node -p episodes:=10`` to record).
 """
 
 from __future__ import annotations
@@ -113,11 +118,13 @@ def make_node_class():
                 self.services_ = {name: self.create_client(Trigger, srv) for name, srv in (
                     ("reset", f"{p['sim_node'].rstrip('/')}/reset"), ("start", f"{rec}/start_episode"),
                     ("end", f"{rec}/end_episode"), ("discard", f"{rec}/discard_episode"))}
-                self.phase = "waiting"  # waiting for services | resetting | starting | recording | ending | done
+                self.phase = "waiting"  # waiting for the recorder | starting | resetting | recording | ending | done
                 self.recorded = 0
                 self.current: int | None = None  # sim episode being recorded
+                self.recorder_streams: set[str] = set()  # streams the recorder's ~/status says it receives
                 self.create_subscription(String, p["result_topic"], self._on_result, QoSProfile(
                     depth=20, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL))
+                self.create_subscription(String, f"{rec}/status", self._on_recorder_status, 10)
                 self.create_timer(0.2, self._poll_services)
                 log.info(f"recording {p['episodes'] or 'unlimited'} episodes through {rec}")
             log.info(f"expert of env {p['env']} teleoperating joints {self.driver.joint_names} on {p['command_topic']}")
@@ -153,9 +160,18 @@ def make_node_class():
             self.commands += 1
 
         # -------------------------------------------------------------- recording
+        def _on_recorder_status(self, msg) -> None:
+            try:
+                self.recorder_streams |= set(json.loads(msg.data).get("max_latency_s", {}))
+            except (ValueError, AttributeError):
+                pass
+
         def _poll_services(self) -> None:
-            if self.phase == "waiting" and all(c.service_is_ready() for c in self.services_.values()):
-                self.get_logger().info("simulator and recorder services are up")
+            if self.phase != "waiting":
+                return
+            if (all(c.service_is_ready() for c in self.services_.values()) and "robot_joint" in self.recorder_streams
+                    and self.command_pub.get_subscription_count() > 0):
+                self.get_logger().info("simulator and recorder are up; the recorder receives joint states")
                 self._next_episode()
 
         def _call(self, name: str, then) -> None:
@@ -183,14 +199,6 @@ def make_node_class():
                 self.finished = True
                 self.get_logger().info(f"recorded {self.recorded} episodes: done")
                 return
-            self.phase = "resetting"
-            self._call("reset", self._on_reset_done)
-
-        def _on_reset_done(self, response) -> None:
-            if not response.success:
-                self._fail(f"simulator ~/reset refused: {response.message}")
-                return
-            self.current = int(json.loads(response.message)["episode"])
             self.phase = "starting"
             self._call("start", self._on_started)
 
@@ -198,8 +206,17 @@ def make_node_class():
             if not response.success:
                 self._fail(f"recorder start_episode refused: {response.message}")
                 return
+            self.phase = "resetting"
+            self.recorder_message = response.message
+            self._call("reset", self._on_reset_done)
+
+        def _on_reset_done(self, response) -> None:
+            if not response.success:
+                self._fail(f"simulator ~/reset refused: {response.message}")
+                return
+            self.current = int(json.loads(response.message)["episode"])
             self.phase = "recording"
-            self.get_logger().info(f"recording sim episode {self.current}: {response.message}")
+            self.get_logger().info(f"recording sim episode {self.current}: {self.recorder_message}")
 
         def _on_result(self, msg) -> None:
             try:

@@ -51,10 +51,37 @@ DEFAULTS = {
 }
 
 
+def free_domain_id(low: int = 1, high: int = 99, probe_s: float = 0.5, tries: int = 5) -> int:
+    """A random DDS domain in ``[low, high]`` where no other node shows up on this machine within ``probe_s``.
+
+    Why probe: parallel test runs and demos on one machine each pick a random private domain, and two
+    that pick the same one talk to each other's nodes (services of the same name included).
+    """
+    import rclpy
+
+    domain = random.randint(low, high)
+    for _ in range(tries):
+        context = rclpy.Context()
+        rclpy.init(context=context, domain_id=domain)
+        node = rclpy.create_node("domain_probe", context=context)
+        try:
+            time.sleep(probe_s)
+            busy = [n for n in node.get_node_names() if n != "domain_probe"]
+        finally:
+            node.destroy_node()
+            rclpy.shutdown(context=context)
+        if not busy:
+            return domain
+        domain = random.randint(low, high)
+    return domain
+
+
 def ros_env(domain_id: int | None = None) -> dict:
     """Environment for the node processes: a private DDS domain on loopback, unbuffered logs."""
     env = dict(os.environ)
-    env["ROS_DOMAIN_ID"] = str(domain_id if domain_id is not None else random.randint(120, 220))
+    env["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"
+    os.environ["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"  # this process's own nodes (probe, session) too
+    env["ROS_DOMAIN_ID"] = str(domain_id if domain_id is not None else free_domain_id())
     env["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"
     env.pop("ROS_LOCALHOST_ONLY", None)
     env["PYTHONUNBUFFERED"] = "1"
@@ -108,6 +135,7 @@ class SimSession:
     def __init__(self, domain_id: int, sim_node: str = "/sim_robot_node", policy_node: str = "/policy_node",
                  camera_topic: str = "/camera/image_raw"):
         import rclpy
+        from diagnostic_msgs.msg import DiagnosticArray
         from rclpy.executors import SingleThreadedExecutor
         from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
         from sensor_msgs.msg import Image, JointState
@@ -127,6 +155,7 @@ class SimSession:
         self.joint_states: list[tuple[float, list[str], np.ndarray]] = []
         self.teleop: list[tuple[int, list[str], np.ndarray]] = []
         self.frames: list[np.ndarray] = []
+        self.diagnostics: dict[str, dict] = {}  # latest key/values per status name
         self.keep_frames = False
         reliable = QoSProfile(depth=50, reliability=ReliabilityPolicy.RELIABLE)
         self.node.create_subscription(String, "/sim/episode_result", self._on_result, QoSProfile(
@@ -136,6 +165,7 @@ class SimSession:
         self.node.create_subscription(JointState, "/joint_states", self._on_joint_state, reliable)
         self.node.create_subscription(JointState, "/teleop/joint_command", self._on_teleop, reliable)
         self.node.create_subscription(Image, camera_topic, self._on_image, reliable)
+        self.node.create_subscription(DiagnosticArray, "/diagnostics", self._on_diagnostics, 20)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._spin, daemon=True)
         self._thread.start()
@@ -157,6 +187,14 @@ class SimSession:
     def _on_teleop(self, msg) -> None:
         stamp = msg.header.stamp.sec * 1_000_000_000 + msg.header.stamp.nanosec
         self._append(self.teleop, (stamp, list(msg.name), np.asarray(msg.position, np.float64)))
+
+    def _on_diagnostics(self, msg) -> None:
+        for status in msg.status:
+            self.diagnostics[status.name] = {kv.key: kv.value for kv in status.values}
+
+    def node_diagnostics(self, prefix: str) -> dict:
+        """Latest ``/diagnostics`` values of the status whose name starts with ``prefix`` (e.g. ``sim_robot_node``)."""
+        return next((v for k, v in self.diagnostics.items() if k.startswith(prefix)), {})
 
     def _on_image(self, msg) -> None:
         if self.keep_frames:
@@ -313,7 +351,13 @@ def evaluate_over_ros(model: Path, episodes: int, image_size: int, max_steps: in
 
                 contact_sheet(list(session.frames), sheet)
         session.enable(False)
-        stats = {"trajectories": len(session.trajectories), "joint_states": len(session.joint_states)}
+        time.sleep(1.2)  # one more /diagnostics period, so the counters cover the last episode
+        sim = session.node_diagnostics("sim_robot_node")
+        policy = session.node_diagnostics("policy_node")
+        stats = {"sim_robot_node": {k: sim.get(k) for k in ("steps", "trajectories", "rejected", "stale_commands",
+                                                             "missed_ticks")},
+                 "policy_node": {k: policy.get(k) for k in ("published", "late_chunks", "rejected_outputs",
+                                                            "skipped_steps", "latency_p50_ms", "latency_p99_ms")}}
         return results, stats
     finally:
         if session is not None:
@@ -394,7 +438,7 @@ def _run(args) -> int:
                     "demos": "recorded over ROS" if args.record else "vqbet sim-demos",
                     "mean_trajectories_per_episode": float(np.mean([r["trajectories"] for r in results])),
                     "mean_length": float(np.mean([r["length"] for r in results])),
-                    "contact_sheet": str(sheet) if sheet.exists() else None, "model": str(model),
+                    "ros": stats, "contact_sheet": str(sheet) if sheet.exists() else None, "model": str(model),
                     "timing_s": {k: round(v, 1) for k, v in timing.items()}})
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     print(json.dumps(metrics))

@@ -10,7 +10,8 @@ Time: ticks run on the absolute grid of the node clock (multiples of ``1/control
 ``recorder_node`` samples on); each tick steps the env with the target
 commanded at the tick's grid time and stamps everything it then publishes with that time. A policy
 that answers an observation stamped ``t`` with a chunk whose first point is due at ``t + 1/control_hz``
-(the policy node's convention) therefore gets exactly the step ``vqbet sim-demos`` recorded. A tick
+(the policy node's convention) therefore gets exactly the step ``vqbet sim-demos`` recorded: the first
+tick of an episode publishes the reset observation, every later one steps the env once. A tick
 the timer misses (an overloaded machine) is not made up: simulated time then runs slower than the
 clock, and ``missed_ticks`` in ``/diagnostics`` counts it.
 
@@ -21,10 +22,12 @@ Interfaces (topics are parameters, and remappable):
        ``/sim/episode_result`` (String, JSON, when an episode ends; reliable + transient local), ``/diagnostics``
   in   ``/arm_controller/joint_trajectory`` (JointTrajectory, joints by name), ``/teleop/joint_command``
        (JointState position targets, by name)
-  srv  ``~/reset`` (std_srvs/Trigger: start a new episode with the next seed)
+  srv  ``~/reset`` (std_srvs/Trigger: start a new episode with the next seed; commands stamped before it are
+       ignored, so a trajectory still in flight from the last episode cannot move the reset robot)
 
-Run: ``ros2 run vqbet_ros sim_robot_node --ros-args -p env:=blockpush -p env_args:="{action_mode: target, image_size: 96}"``
-or ``python -m vqbet_ros.sim_robot_node --ros-args ...``.
+Run: ``ros2 run vqbet_ros sim_robot_node --ros-args --params-file config/sim.yaml`` or, on the command line,
+``python -m vqbet_ros.sim_robot_node --ros-args -p env:=blockpush -p "env_args:='{action_mode: target, image_size: 96}'"``
+(the inner quotes make the mapping a YAML *string*, which is what the parameter holds).
 """
 
 from __future__ import annotations
@@ -124,6 +127,8 @@ def make_node_class():
             self.episode = -1
             self.episode_seed = int(p["seed"])
             self.started = False  # the current episode has run (an idle one is started by ~/reset as it is)
+            self.fresh = True
+            self.episode_start = 0  # ns; commands stamped earlier belong to an earlier episode
             self.running = False
             self.result_sent = True
             self.period_ns = int(round(1e9 / self.control_hz))
@@ -131,7 +136,8 @@ def make_node_class():
             self.last_camera = -np.inf
             self.prev_q: np.ndarray | None = None
             self.counts = {"ticks": 0, "steps": 0, "trajectories": 0, "teleop_commands": 0, "rejected": 0,
-                           "skipped_ticks": 0, "missed_ticks": 0, "episodes": 0}
+                           "skipped_ticks": 0, "missed_ticks": 0, "stale_commands": 0,
+                           "episodes": 0}
             self.last_rejection = ""
 
             reliable = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
@@ -197,6 +203,8 @@ def make_node_class():
                 self.episode_seed += 1
             self.started = start
             self.robot.reset(seed=self.episode_seed)
+            self.fresh = True  # the first tick publishes the reset observation; the env steps from the next one
+            self.episode_start = self.get_clock().now().nanoseconds
             self.prev_q = None
             self.running = start
             self.result_sent = not start
@@ -226,9 +234,20 @@ def make_node_class():
                                    f"{r.length} steps")
 
         # -------------------------------------------------------------- commands
+        def _stale(self, stamp) -> bool:
+            """A command stamped before the episode began answers the previous episode (e.g. a policy's hold
+            trajectory still in flight when ~/reset came): it must not move the freshly reset robot."""
+            ns = stamp.sec * 1_000_000_000 + stamp.nanosec
+            if ns and ns < self.episode_start:
+                self.counts["stale_commands"] += 1
+                return True
+            return False
+
         def _on_trajectory(self, msg) -> None:
             self.counts["trajectories"] += 1
             now = self._now()
+            if self._stale(msg.header.stamp):
+                return
             start = stamp_s(msg.header.stamp) or now  # a zero stamp means "start now", as in the controller
             times = [start + p.time_from_start.sec + p.time_from_start.nanosec * 1e-9 for p in msg.points]
             positions = [list(p.positions) for p in msg.points]
@@ -239,6 +258,8 @@ def make_node_class():
 
         def _on_teleop(self, msg) -> None:
             self.counts["teleop_commands"] += 1
+            if self._stale(msg.header.stamp):
+                return
             try:
                 if len(msg.name) != len(msg.position):
                     raise TrajectoryRejected(f"{len(msg.name)} names but {len(msg.position)} positions")
@@ -266,11 +287,17 @@ def make_node_class():
             if self.last_grid > 0 and stamp_ns - self.last_grid > self.period_ns:
                 self.counts["missed_ticks"] += (stamp_ns - self.last_grid) // self.period_ns - 1
             self.last_grid = stamp_ns
+            if stamp_ns < self.episode_start:  # a late tick of a slot before the reset: the episode starts at the next
+                self.counts["skipped_ticks"] += 1
+                return
             t = stamp_ns * 1e-9
             self.counts["ticks"] += 1
             if self.running and not self.robot.done:
-                self.robot.tick(t)
-                self.counts["steps"] += 1
+                if self.fresh:
+                    self.fresh = False
+                else:
+                    self.robot.tick(t)
+                    self.counts["steps"] += 1
             q = self.robot.joint_positions()
             js = ros_convert.joint_state(self.robot.joint_names, q, stamp_ns)
             js.velocity = ((q - self.prev_q) * self.control_hz if self.prev_q is not None else np.zeros_like(q)).tolist()
