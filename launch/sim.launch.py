@@ -6,7 +6,8 @@ recorder_node - the env's scripted expert teleoperates the simulated arm and the
 ``output:=D.zarr`` (``episodes:=N``, then the teleop node exits), the record -> train path without hardware.
 Parameters come from config/sim.yaml (override with params_file:=...); the policy node also reads
 config/policy.yaml first. ``calibration`` defaults to the block-push gantry's file, relative to the
-repository root.
+repository root. In policy mode episodes follow each other (``auto_reset``) without clearing the policy's
+history; ``python -m vqbet_ros.sim_demo`` instead toggles ``~/enable`` around each ``~/reset``.
 """
 
 from launch import LaunchDescription
