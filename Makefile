@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 export MUJOCO_GL ?= egl
 export PYOPENGL_PLATFORM ?= egl
 
-.PHONY: venv demo test test-slow clean
+.PHONY: venv demo demo-multipath test test-slow clean
 
 venv: $(STAMP)
 
@@ -22,7 +22,12 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -c "import torch, torchvision, zarr, onnxruntime, rclpy; print('venv ready: torch', torch.__version__, 'torchvision', torchvision.__version__)"
 	touch $(STAMP)
 
+# The main job: demonstrations -> VQ-BeT -> ONNX -> policy_node driving sim_robot_node over ROS 2 (loopback DDS).
 demo: venv
+	$(BIN)/python -m vqbet_ros.sim_demo --out runs/sim_demo
+
+# Multimodal learning check: VQ-BeT vs a plain MSE policy on the BeT paper's multipath point mass.
+demo-multipath: venv
 	$(BIN)/python -m vqbet_core.demo --out runs/demo
 
 test: venv

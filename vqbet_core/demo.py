@@ -1,4 +1,4 @@
-"""``make demo``: the main job on embedded defaults, end to end.
+"""``make demo-multipath``: the multimodal-learning check, end to end.
 
 Multipath point mass (BeT paper, appendix A): scripted 2-route demonstrations -> train VQ-BeT and a
 plain MSE policy (BeT with one bin) -> closed-loop evaluation -> one JSON line per policy and a plot
