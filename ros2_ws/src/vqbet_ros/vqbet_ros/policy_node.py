@@ -213,7 +213,7 @@ def make_node_class():
                 raise VqbetError("parameter model is empty: give an exported model folder (written by vqbet export)")
             if not p["calibration"]:
                 raise VqbetError("parameter calibration is empty: give the robot's calibration YAML (joint order and limits)")
-            for name, choices in (("trigger", ("timer", "camera")), ("blend", ("average", "exp", "none")),
+            for name, choices in (("trigger", ("timer", "camera")), ("blend", ("model", "average", "exp", "none")),
                                   ("stamp_source", ("header", "receive"))):
                 if p[name] not in choices:
                     raise VqbetError(f"parameter {name} must be one of {list(choices)}, got {p[name]!r}")
@@ -225,6 +225,8 @@ def make_node_class():
             self.runtime = PolicyRuntime(p["model"], providers=providers, seed=int(p["seed"]), temperature=temperature,
                                          threads=int(p["threads"]) or None)
             spec = self.spec = self.runtime.spec
+            if p["blend"] == "model":  # the blending the model was evaluated with (model.yaml sampling.blend)
+                p["blend"] = spec.blend
             self._check_model()
             calib = self.calibration
             self.action_idx = np.array([calib.joint_names.index(n) for n in spec.joint_names])
@@ -320,7 +322,7 @@ def make_node_class():
                 "stamp_source": declare("stamp_source", "header", "input ages from header stamps (0 = receive time) or receive"),
                 "max_age": declare("max_age", 0.5, "stop commanding when any input is older than this (s)"),
                 "velocity_scale": declare("velocity_scale", 1.0, "fraction of the calibration velocity bound allowed"),
-                "blend": declare("blend", "average", "overlapping chunks: average (paper), exp, none"),
+                "blend": declare("blend", "model", "overlapping chunks: model (model.yaml sampling.blend), average (paper), exp, none"),
                 "blend_exp_weight": declare("blend_exp_weight", 0.0, "exp blending: weight exp(-w * age in steps)"),
                 "hold_on_stop": declare("hold_on_stop", True, "on stop, send one hold trajectory (else just stop sending)"),
                 "hold_settle": declare("hold_settle", 0.0, "seconds to come to the hold point; 0 = one control period"),
