@@ -22,10 +22,8 @@ import json
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
-import rclpy
 from rcl_interfaces.msg import ParameterDescriptor, SetParametersResult
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
-from rclpy.executors import ExternalShutdownException
 from rclpy.task import Future
 from rclpy.node import Node
 from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
@@ -49,6 +47,7 @@ from vqbet_core.recording.sampler import (
 )
 from vqbet_ros import ros_convert
 from vqbet_ros.diagnostics import Diagnostics
+from vqbet_ros.node_main import run_node
 from vqbet_ros.qos import incompatible_qos_warning, qos_from_parameters
 
 MB = 1024 * 1024
@@ -418,24 +417,7 @@ def _nonzero(counts: dict) -> dict:
 
 
 def main(args=None) -> int:
-    rclpy.init(args=args)
-    node = None
-    code = 0
-    try:
-        node = RecorderNode()
-        rclpy.spin(node)
-    except (KeyboardInterrupt, ExternalShutdownException):
-        pass
-    except VqbetError as exc:
-        print(f"recorder_node: error: {exc}", file=sys.stderr)
-        code = 2
-    finally:
-        if node is not None:
-            node.finish()
-            node.destroy_node()
-        if rclpy.ok():
-            rclpy.shutdown()
-    return code
+    return run_node("recorder_node", RecorderNode, args, cleanup=lambda node: node.finish())
 
 
 if __name__ == "__main__":

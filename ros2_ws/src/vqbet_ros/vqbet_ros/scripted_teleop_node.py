@@ -248,26 +248,14 @@ def make_node_class():
 
 def main(args=None) -> int:
     import rclpy
-    from rclpy.executors import ExternalShutdownException
 
-    rclpy.init(args=args)
-    node, code = None, 0
-    try:
-        node = make_node_class()()
+    from vqbet_ros.node_main import run_node
+
+    def spin(node):
         while rclpy.ok() and not (node.finished and node.p["exit_when_done"]):
             rclpy.spin_once(node, timeout_sec=0.1)
-    except (KeyboardInterrupt, ExternalShutdownException):
-        pass
-    except VqbetError as exc:
-        print(f"scripted_teleop_node: error: {exc}", file=sys.stderr)
-        code = 2
-    finally:
-        if node is not None:
-            node.env.close()
-            node.destroy_node()
-        if rclpy.ok():
-            rclpy.shutdown()
-    return code
+
+    return run_node("scripted_teleop_node", make_node_class(), args, spin=spin, cleanup=lambda node: node.env.close())
 
 
 if __name__ == "__main__":

@@ -346,26 +346,9 @@ def _json_default(value):
 
 
 def main(args=None) -> int:
-    import rclpy
-    from rclpy.executors import ExternalShutdownException
+    from vqbet_ros.node_main import run_node
 
-    rclpy.init(args=args)  # its signal handlers turn SIGINT / SIGTERM into ExternalShutdownException in spin
-    node, code = None, 0
-    try:
-        node = make_node_class()()
-        rclpy.spin(node)
-    except (KeyboardInterrupt, ExternalShutdownException):
-        pass
-    except VqbetError as exc:
-        print(f"sim_robot_node: error: {exc}", file=sys.stderr)
-        code = 2
-    finally:
-        if node is not None:
-            node.finish()
-            node.destroy_node()
-        if rclpy.ok():
-            rclpy.shutdown()
-    return code
+    return run_node("sim_robot_node", make_node_class(), args, cleanup=lambda node: node.finish())
 
 
 if __name__ == "__main__":
