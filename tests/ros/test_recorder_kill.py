@@ -87,12 +87,16 @@ def run_kills(tmp: Path, kills: int, seed: int, episode_s=(0.05, 0.3)) -> dict:
     try:
         fake = procs.start("fake", S.fake_streams_args(tmp / "pub.jsonl", joint_hz=100))
         client = S.Client(int(env["ROS_DOMAIN_ID"]))
+        # the mix of kill kinds is fixed (20% start-up, 40% any moment, 40% after a commit), its order and the
+        # moments are random: every run commits enough episodes to check, whatever the machine's speed
+        modes = [(i + 0.5) / kills for i in range(kills)]
+        rng.shuffle(modes)
         for cycle in range(kills):
             rec = procs.start(f"rec{cycle}", S.recorder_args(out, cal, {"flush_every": 2, "control_hz": HZ,
                                                                         "status_period": 0.1}))
             n_killed = len(killed)
             killer = None
-            mode = rng.random()
+            mode = modes[cycle]
             if mode < 0.2:  # during start-up: imports, store recovery, discovery
                 killer = _kill_later(procs, rec, rng.uniform(0.2, 1.5), killed)
                 _wait_alive(client, rec)
