@@ -318,7 +318,7 @@ def test_vqbet_policy_loss_matches_hand_computation_from_heads():
     assert float(loss.detach()) == pytest.approx(float(5.0 * primary + 0.5 * secondary + 100.0 * offset), rel=1e-5)
 
 
-@pytest.mark.parametrize("offset_codes", ["sampled", "true"])
+@pytest.mark.parametrize("offset_codes", ["sampled", "true", "true_primary"])
 def test_vqbet_phase2_overfits_small_multimodal_set(offset_codes):
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(0)
@@ -355,9 +355,10 @@ def test_vqbet_phase2_overfits_small_multimodal_set(offset_codes):
 
 def test_offsets_on_sampled_codes_average_ambiguous_modes_true_codes_keep_them():
     """One observation, four modes: the offset head trained on *sampled* codes (the official loss) learns
-    to pull every code towards the middle of the modes; trained on the *true* codes it keeps them."""
+    to pull every code towards the middle of the modes; trained on the *true* codes (or the true primary
+    with a sampled secondary) it keeps them."""
     spread = {}
-    for offset_codes in ("sampled", "true"):
+    for offset_codes in ("sampled", "true", "true_primary"):
         torch.manual_seed(0)
         gen = torch.Generator().manual_seed(0)
         policy = build_policy(tiny_cfg(policy="vqbet", vq={"n_codes": 4}, loss={"offset_codes": offset_codes}), OBS, ACT)
@@ -381,6 +382,7 @@ def test_offsets_on_sampled_codes_average_ambiguous_modes_true_codes_keep_them()
         to_modes = torch.cdist(chunks.reshape(-1, ACT), MODES)
         spread[offset_codes] = (float(to_modes.min(1).values.mean()), len(torch.unique(to_modes.argmin(1))))
     assert spread["true"][0] < 0.1 and spread["true"][1] == 4
+    assert spread["true_primary"][0] < 0.1 and spread["true_primary"][1] == 4
     assert spread["sampled"][0] > 0.5
 
 

@@ -22,7 +22,7 @@ from vqbet_core.vision.encoder import (
 )
 from vqbet_core.vision.feature_cache import cache_key, data_fingerprint, encoded_features
 from vqbet_core.vision.fusion import fuse_observation, fusion_layout
-from vqbet_core.vision.preprocess import ImagePreprocess, dataset_camera_preprocess
+from vqbet_core.vision.preprocess import ImagePreprocess, area_resize, dataset_camera_preprocess
 
 torch.set_num_threads(2)
 
@@ -107,6 +107,21 @@ def test_raw_frame_gives_the_same_tensor_in_training_and_at_runtime(tmp_path, fr
     with torch.no_grad():
         live = np.concatenate([encoder(torch.from_numpy(t[None])).numpy() for t in runtime])
     np.testing.assert_allclose(cached, live, atol=1e-5, rtol=1e-5)
+
+
+def test_area_resize_halves_first_and_stays_a_box_filter():
+    rng = np.random.default_rng(0)
+    smooth = cv2.GaussianBlur(rng.integers(0, 255, (480, 640, 3), dtype=np.uint8), (0, 0), 3)
+    for size in ((96, 96), (224, 224), (320, 240), (640, 480), (100, 300)):
+        out = area_resize(smooth, size)
+        assert out.shape == (size[1], size[0], 3) and out.dtype == np.uint8
+        direct = cv2.resize(smooth, size, interpolation=cv2.INTER_AREA)
+        # the same box average up to the rounding of the intermediate half-size frame
+        assert np.abs(out.astype(int) - direct.astype(int)).mean() < 1.0, size
+    assert area_resize(smooth, (640, 480)) is smooth  # already the size: untouched
+    odd = rng.integers(0, 255, (101, 203, 3), dtype=np.uint8)
+    assert area_resize(odd, (50, 25)).shape == (25, 50, 3)
+    assert ImagePreprocess(size=(96, 96)).crop_resize(smooth).tobytes() == area_resize(smooth, (96, 96)).tobytes()
 
 
 def test_dataset_camera_preprocess_rejects_size_mismatch(tmp_path):

@@ -11,8 +11,12 @@ every possible primary, ``secondary_given_primary (B, C, C)``, so the exported g
 inside it; ``logits[:, 1]`` holds the marginal ``log sum_p P(p) P(s | p)`` for non-sequential sampling.
 
 ``loss.offset_codes`` chooses which codes the offset loss decodes: ``"sampled"`` (the official code:
-codes sampled from the predicted logits, so offsets learn to correct the policy's own code choices)
-or ``"true"`` (the tokenizer's codes of the target chunk).
+codes sampled from the predicted logits, so offsets learn to correct the policy's own code choices),
+``"true"`` (the tokenizer's codes of the target chunk, as BeT trains its bin offsets) or ``"true_primary"``
+(the true primary code, the secondary sampled given it). Why not always "sampled": where the observation
+does not tell the mode, an L1 loss on sampled codes pulls every code's offset towards the median of the
+modes - the majority mode - so a sampled minority code decodes into a majority action (measured at the
+multipath fork: minority-route codes at 0.40 probability gave minority-route chunks 0.10 of the time).
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from vqbet_core.models.gpt import GPT
 from vqbet_core.models.losses import focal_loss
 from vqbet_core.models.rvq import ResidualVQTokenizer
 
-OFFSET_CODES = ("sampled", "true")
+OFFSET_CODES = ("sampled", "true", "true_primary")
 
 
 def head_mlp(in_dim: int, hidden: int, out_dim: int) -> nn.Sequential:
@@ -119,7 +123,8 @@ class VQBeTPolicy(Policy):
         return torch.cat(parts, dim=1)
 
     @torch.no_grad()
-    def _choose(self, feats: torch.Tensor, logits: torch.Tensor, sample: bool) -> torch.Tensor:
+    def _choose(self, feats: torch.Tensor, logits: torch.Tensor, sample: bool,
+                primary: torch.Tensor | None = None) -> torch.Tensor:
         """Codes ``(N, L)`` the policy itself picks (temperature-1 samples or argmax) from ``logits (N, L, C)``.
 
         When sequential, ``logits[:, 1]`` were computed for some other primary (teacher forcing), so the
@@ -131,6 +136,8 @@ class VQBeTPolicy(Policy):
             return out.reshape(rows.shape[:-1])
 
         codes = pick(logits.detach())
+        if primary is not None:
+            codes[:, 0] = primary
         if self.sequential:
             onehot = F.one_hot(codes[:, 0], self.n_codes).to(feats.dtype)
             codes[:, 1] = pick(self.secondary_head(torch.cat([feats.detach(), onehot], dim=-1)))
@@ -183,7 +190,11 @@ class VQBeTPolicy(Policy):
         secondary_loss = (focal_loss(logits[:, 1:].reshape(-1, self.n_codes), true[:, 1:].reshape(-1), gamma)
                           if self.n_layers > 1 else torch.zeros((), device=feats.device))
         offsets = self._offsets(feats)
-        codes = true if self.offset_codes == "true" else self._choose(feats, logits, sample=True)
+        if self.offset_codes == "true":
+            codes = true
+        else:
+            given = true[:, 0] if self.offset_codes == "true_primary" else None
+            codes = self._choose(feats, logits, sample=True, primary=given)
         offset_loss = F.l1_loss(self._decode(offsets, codes), chunks)
         loss = float(w["primary"]) * primary_loss + float(w["secondary"]) * secondary_loss + float(w["offset"]) * offset_loss
         with torch.no_grad():

@@ -21,6 +21,21 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+def area_resize(frame: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Box-filter (``INTER_AREA``) resize to ``size`` (w, h), halving first while the frame is >= 2x the target.
+
+    Why: OpenCV's area filter is ~3x slower for non-integer ratios (640x480 -> 96x96: 0.8-1.2 ms) than
+    an exact 2x2 mean followed by the remaining ratio (0.47 ms); the result differs by a rounding step.
+    Recorder, bag2zarr, training and the run-time all call this, so they stay identical.
+    """
+    w, h = size
+    while frame.shape[1] >= 2 * w and frame.shape[0] >= 2 * h:
+        frame = cv2.resize(frame, (frame.shape[1] // 2, frame.shape[0] // 2), interpolation=cv2.INTER_AREA)
+    if (frame.shape[1], frame.shape[0]) != (w, h):
+        frame = cv2.resize(frame, (w, h), interpolation=cv2.INTER_AREA)
+    return frame
+
+
 @dataclass
 class ImagePreprocess:
     size: tuple[int, int] = (96, 96)  # (width, height) after resize
@@ -46,9 +61,7 @@ class ImagePreprocess:
             if x < 0 or y < 0 or x + w > frame.shape[1] or y + h > frame.shape[0]:
                 raise VqbetError(f"image crop {list(self.crop)} does not fit a {frame.shape[1]}x{frame.shape[0]} frame")
             frame = frame[y : y + h, x : x + w]
-        if (frame.shape[1], frame.shape[0]) != self.size:
-            frame = cv2.resize(frame, self.size, interpolation=cv2.INTER_AREA)
-        return np.ascontiguousarray(frame)
+        return np.ascontiguousarray(area_resize(frame, self.size))
 
     def to_model_input(self, images: np.ndarray) -> np.ndarray:
         """RGB uint8 ``(..., H, W, 3)`` -> normalized float32 ``(..., 3, H, W)``."""
