@@ -3,11 +3,15 @@
 Starts policy_node with config/policy.yaml (override with params_file:=...). The node starts disabled
 unless enable:=true; enable it with ``ros2 service call /policy_node/enable std_srvs/srv/SetBool "{data: true}"``
 (prefix the namespace when one is given). Launch arguments override the parameter file.
+
+The nodes run with the Fast DDS profile config/fastdds_large_images.xml (``dds_profile:=''`` keeps the
+environment's FASTRTPS_DEFAULT_PROFILES_FILE): shared memory with a segment large enough for 640x480 images.
 """
 
 from launch import LaunchDescription
-from launch.actions import DeclareLaunchArgument
-from launch.substitutions import LaunchConfiguration, PathJoinSubstitution
+from launch.actions import DeclareLaunchArgument, SetEnvironmentVariable
+from launch.conditions import UnlessCondition
+from launch.substitutions import EqualsSubstitution, LaunchConfiguration, PathJoinSubstitution
 from launch_ros.actions import Node
 from launch_ros.parameter_descriptions import ParameterValue
 from launch_ros.substitutions import FindPackageShare
@@ -26,6 +30,14 @@ def generate_launch_description():
                               description="use /clock (simulation)"),
         DeclareLaunchArgument("enable", default_value="false", choices=["true", "false"],
                               description="start commanding right away (default: wait for ~/enable)"),
+        DeclareLaunchArgument(
+            "dds_profile",
+            default_value=PathJoinSubstitution([FindPackageShare("vqbet_bringup"), "config", "fastdds_large_images.xml"]),
+            description="Fast DDS XML profile for the nodes (sets FASTRTPS_DEFAULT_PROFILES_FILE, rmw_fastrtps_cpp "
+                        "only); the default gives shared memory a 16 MB segment, so 640x480 images skip the "
+                        "network path; '' keeps the environment's setting"),
+        SetEnvironmentVariable("FASTRTPS_DEFAULT_PROFILES_FILE", LaunchConfiguration("dds_profile"),
+                               condition=UnlessCondition(EqualsSubstitution(LaunchConfiguration("dds_profile"), ""))),
         Node(
             package="vqbet_ros",
             executable="policy_node",

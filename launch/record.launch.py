@@ -3,11 +3,15 @@
 Starts recorder_node with config/recorder.yaml (override with params_file:=...). Episodes are driven with
 ``ros2 run vqbet_ros record_keyboard`` in a second terminal (s start, e end, d discard, t task) or the
 services ~/start_episode, ~/end_episode, ~/discard_episode.
+
+The nodes run with the Fast DDS profile config/fastdds_large_images.xml (``dds_profile:=''`` keeps the
+environment's FASTRTPS_DEFAULT_PROFILES_FILE): shared memory with a segment large enough for 640x480 images.
 """
 
 from launch import LaunchDescription
-from launch.actions import DeclareLaunchArgument
-from launch.substitutions import LaunchConfiguration, PathJoinSubstitution
+from launch.actions import DeclareLaunchArgument, SetEnvironmentVariable
+from launch.conditions import UnlessCondition
+from launch.substitutions import EqualsSubstitution, LaunchConfiguration, PathJoinSubstitution
 from launch_ros.actions import Node
 from launch_ros.substitutions import FindPackageShare
 
@@ -22,6 +26,14 @@ def generate_launch_description():
             "params_file",
             default_value=PathJoinSubstitution([FindPackageShare("vqbet_bringup"), "config", "recorder.yaml"]),
             description="recorder parameter file"),
+        DeclareLaunchArgument(
+            "dds_profile",
+            default_value=PathJoinSubstitution([FindPackageShare("vqbet_bringup"), "config", "fastdds_large_images.xml"]),
+            description="Fast DDS XML profile for the nodes (sets FASTRTPS_DEFAULT_PROFILES_FILE, rmw_fastrtps_cpp "
+                        "only); the default gives shared memory a 16 MB segment, so 640x480 images skip the "
+                        "network path; '' keeps the environment's setting"),
+        SetEnvironmentVariable("FASTRTPS_DEFAULT_PROFILES_FILE", LaunchConfiguration("dds_profile"),
+                               condition=UnlessCondition(EqualsSubstitution(LaunchConfiguration("dds_profile"), ""))),
         Node(
             package="vqbet_ros",
             executable="recorder_node",

@@ -8,11 +8,14 @@ Parameters come from config/sim.yaml (override with params_file:=...); the polic
 config/policy.yaml first. ``calibration`` defaults to the block-push gantry's file, relative to the
 repository root. In policy mode episodes follow each other (``auto_reset``) without clearing the policy's
 history; ``python -m vqbet_ros.sim_demo`` instead toggles ``~/enable`` around each ``~/reset``.
+
+The nodes run with the Fast DDS profile config/fastdds_large_images.xml (``dds_profile:=''`` keeps the
+environment's FASTRTPS_DEFAULT_PROFILES_FILE): shared memory with a segment large enough for 640x480 images.
 """
 
 from launch import LaunchDescription
-from launch.actions import DeclareLaunchArgument
-from launch.conditions import IfCondition
+from launch.actions import DeclareLaunchArgument, SetEnvironmentVariable
+from launch.conditions import IfCondition, UnlessCondition
 from launch.substitutions import EqualsSubstitution, LaunchConfiguration, PathJoinSubstitution
 from launch_ros.actions import Node
 from launch_ros.parameter_descriptions import ParameterValue
@@ -37,6 +40,14 @@ def generate_launch_description():
         DeclareLaunchArgument("params_file", default_value=PathJoinSubstitution([CONFIG, "sim.yaml"]),
                               description="parameters of the simulator, teleop and policy nodes"),
         DeclareLaunchArgument("seed", default_value="1000", description="env seed of the first episode"),
+        DeclareLaunchArgument(
+            "dds_profile",
+            default_value=PathJoinSubstitution([CONFIG, "fastdds_large_images.xml"]),
+            description="Fast DDS XML profile for the nodes (sets FASTRTPS_DEFAULT_PROFILES_FILE, rmw_fastrtps_cpp "
+                        "only); the default gives shared memory a 16 MB segment, so 640x480 images skip the "
+                        "network path; '' keeps the environment's setting"),
+        SetEnvironmentVariable("FASTRTPS_DEFAULT_PROFILES_FILE", LaunchConfiguration("dds_profile"),
+                               condition=UnlessCondition(EqualsSubstitution(LaunchConfiguration("dds_profile"), ""))),
         Node(package="vqbet_ros", executable="sim_robot_node", name="sim_robot_node",
              parameters=[params, {"seed": ParameterValue(LaunchConfiguration("seed"), value_type=int),
                                   "autostart": ParameterValue(IS_POLICY, value_type=bool),

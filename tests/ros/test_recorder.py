@@ -30,6 +30,7 @@ pytestmark = [pytest.mark.ros, pytest.mark.timeout(240)]
 NS = "/robot1"
 RECORDER = f"{NS}/recorder_node"
 SHIPPED_YAML = S.REPO / "ros2_ws/src/vqbet_bringup/config/recorder.yaml"
+DDS_PROFILE = S.REPO / "ros2_ws/src/vqbet_bringup/config/fastdds_large_images.xml"
 TEST_YAML = """\
 /**/recorder_node:
   ros__parameters:
@@ -243,7 +244,7 @@ def test_bag2zarr_matches_recorder(session, storage, tmp_path):
 
 
 def test_bringup_installs_launch_and_config(monkeypatch):
-    """colcon runs vqbet_bringup/setup.py: it must install every top-level launch file and the YAML."""
+    """colcon runs vqbet_bringup/setup.py: it must install every top-level launch file, the YAML and the DDS profile."""
     import ast
     import runpy
 
@@ -257,6 +258,7 @@ def test_bringup_installs_launch_and_config(monkeypatch):
     files = {dest: [Path(pkg, f).resolve() for f in srcs] for dest, srcs in captured["data_files"]}
     assert set(files["share/vqbet_bringup/launch"]) == set((S.REPO / "launch").glob("*.launch.py"))
     assert SHIPPED_YAML.resolve() in files["share/vqbet_bringup/config"]
+    assert DDS_PROFILE.resolve() in files["share/vqbet_bringup/config"]
     assert (pkg / "resource/vqbet_bringup").exists() and "<build_type>ament_python" in (pkg / "package.xml").read_text()
     # the launch file (not runnable here: no `launch` package) starts the console script setup.py declares
     tree = ast.parse((S.REPO / "launch/record.launch.py").read_text())
@@ -264,6 +266,55 @@ def test_bringup_installs_launch_and_config(monkeypatch):
     node = {k.arg: k.value for k in calls["Node"].keywords}
     assert node["package"].value == "vqbet_ros" and node["executable"].value == "recorder_node"
     assert "recorder_node = vqbet_ros.recorder_node:main" in (S.REPO / "ros2_ws/src/vqbet_ros/setup.py").read_text()
+
+
+@pytest.mark.parametrize("name", ["policy", "record", "sim"])
+def test_launch_files_set_dds_profile(name):
+    """Each launch file declares ``dds_profile`` (default: the installed fastdds_large_images.xml) and, unless it
+    is '', sets FASTRTPS_DEFAULT_PROFILES_FILE before its nodes start (read with ``ast``: no ``launch`` here)."""
+    import ast
+
+    tree = ast.parse((S.REPO / f"launch/{name}.launch.py").read_text())
+    ret = next(n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == "generate_launch_description")
+    description = next(n.value for n in ast.walk(ret) if isinstance(n, ast.Return))
+    actions = description.args[0].elts  # LaunchDescription([...]), in order
+
+    def kind(call):
+        return call.func.id if isinstance(call, ast.Call) and isinstance(call.func, ast.Name) else None
+
+    declare = [i for i, a in enumerate(actions) if kind(a) == "DeclareLaunchArgument" and a.args[0].value == "dds_profile"]
+    setenv = [i for i, a in enumerate(actions) if kind(a) == "SetEnvironmentVariable"]
+    nodes = [i for i, a in enumerate(actions) if kind(a) == "Node"]
+    assert len(declare) == 1 and len(setenv) == 1 and nodes and declare[0] < setenv[0] < min(nodes)
+    arg = {k.arg: k.value for k in actions[declare[0]].keywords}
+    assert "fastdds_large_images.xml" in ast.unparse(arg["default_value"])
+    assert "PathJoinSubstitution" in ast.unparse(arg["default_value"])
+    assert "''" in arg["description"].value  # how to keep the environment's setting
+    env = actions[setenv[0]]
+    assert env.args[0].value == "FASTRTPS_DEFAULT_PROFILES_FILE"
+    assert ast.unparse(env.args[1]) == "LaunchConfiguration('dds_profile')"
+    condition = ast.unparse({k.arg: k.value for k in env.keywords}["condition"])
+    assert condition == "UnlessCondition(EqualsSubstitution(LaunchConfiguration('dds_profile'), ''))"
+    imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) for a in n.names}
+    assert {"SetEnvironmentVariable", "UnlessCondition", "EqualsSubstitution", "PathJoinSubstitution"} <= imported
+    if name != "sim":
+        assert "FindPackageShare" in ast.unparse(arg["default_value"])
+
+
+def test_dds_profile_is_the_shm_profile():
+    """The shipped profile: SHM with a 16 MB segment + UDPv4, builtin transports off, default participant profile."""
+    import xml.etree.ElementTree as ET
+
+    ns = {"f": "http://www.eprosima.com/XMLSchemas/fastRTPS_Profiles"}
+    root = ET.parse(DDS_PROFILE).getroot()
+    transports = {t.find("f:transport_id", ns).text: t for t in root.iterfind("f:transport_descriptors/f:transport_descriptor", ns)}
+    assert {t.find("f:type", ns).text for t in transports.values()} == {"SHM", "UDPv4"}
+    shm = next(t for t in transports.values() if t.find("f:type", ns).text == "SHM")
+    assert int(shm.find("f:segment_size", ns).text) >= 16 * 1024 * 1024
+    participant = root.find("f:participant", ns)
+    assert participant.get("is_default_profile") == "true"
+    assert participant.find("f:rtps/f:useBuiltinTransports", ns).text == "false"
+    assert [t.text for t in participant.iterfind("f:rtps/f:userTransports/f:transport_id", ns)] == list(transports)
 
 
 def test_ros_convert_with_rclpy_messages():

@@ -4,7 +4,9 @@
     recorder_node against fake_streams over real DDS (2 cameras 640x480 rgb8 at 30 Hz, joint states at
     500 Hz, teleop command at 30 Hz, control_hz 30): ticks dropped, CPU of the recorder, write throughput.
     Both run as child processes (ROS stays out of vqbet_core); the episode is driven through
-    record_keyboard's piped input, so this process needs no rclpy.
+    record_keyboard's piped input, so this process needs no rclpy. ``--transport shm`` (default) runs them
+    with vqbet_bringup's Fast DDS profile (shared memory with a 16 MB segment, which 640x480 frames need to
+    skip the network path); ``large_data`` / ``default`` are Fast DDS's builtin transports.
 ``python -m vqbet_core.recording.bench bag2zarr --seconds 20``
     a bag of the same streams written with rosbags, then MB/s of bag2zarr against MB/s of a plain rosbags
     read of the same bag (iterate only, and iterate + deserialize).
@@ -26,6 +28,27 @@ from pathlib import Path
 import numpy as np
 
 JOINTS = ["panda_joint%d" % i for i in range(1, 8)] + ["panda_finger_joint1", "panda_finger_joint2"]
+# vqbet_bringup's Fast DDS profile (the launch files load it too); a path only: vqbet_core does not import ROS
+DDS_PROFILE = Path(__file__).resolve().parents[2] / "ros2_ws/src/vqbet_bringup/config/fastdds_large_images.xml"
+TRANSPORTS = {"shm": "SHM 16 MB segment (fastdds_large_images.xml)",
+              "large_data": "LARGE_DATA (builtin)", "default": "default (builtin)"}
+
+
+def dds_env(env: dict, transport: str) -> dict:
+    """``env`` with the Fast DDS transport settings of ``transport`` (shm, large_data or default)."""
+    env = dict(env)
+    env.pop("FASTDDS_BUILTIN_TRANSPORTS", None)
+    env.pop("FASTRTPS_DEFAULT_PROFILES_FILE", None)
+    if transport == "shm":
+        if not DDS_PROFILE.exists():
+            raise FileNotFoundError(f"--transport shm: the Fast DDS profile {DDS_PROFILE} is missing (this checkout "
+                                    "lacks ros2_ws/); use --transport large_data or default")
+        env["FASTRTPS_DEFAULT_PROFILES_FILE"] = str(DDS_PROFILE)
+    elif transport == "large_data":
+        env["FASTDDS_BUILTIN_TRANSPORTS"] = "LARGE_DATA"
+    elif transport != "default":
+        raise ValueError(f"unknown transport {transport!r} (choose from {', '.join(TRANSPORTS)})")
+    return env
 
 
 def _calibration(path: Path, cameras: list[str], control_hz: float, size: int) -> Path:
@@ -49,10 +72,8 @@ def _du(path: Path) -> int:
 # ---------------------------------------------------------------------- recorder
 def bench_recorder(args) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="vqbet_bench_rec_"))
-    env = dict(os.environ, ROS_DOMAIN_ID=str(args.domain_id), ROS_AUTOMATIC_DISCOVERY_RANGE="LOCALHOST",
-               PYTHONUNBUFFERED="1")
-    if args.large_data:
-        env["FASTDDS_BUILTIN_TRANSPORTS"] = "LARGE_DATA"
+    env = dds_env(dict(os.environ, ROS_DOMAIN_ID=str(args.domain_id), ROS_AUTOMATIC_DISCOVERY_RANGE="LOCALHOST",
+                       PYTHONUNBUFFERED="1"), args.transport)
     cams = [f"cam{i}" for i in range(args.cameras)]
     cal = _calibration(tmp / "cal.yaml", cams, args.control_hz, args.size)
     out = tmp / "bench.zarr"
@@ -109,7 +130,8 @@ def bench_recorder(args) -> dict:
             "bench": "recorder", "duration_s": round(wall, 1), "cameras": args.cameras,
             "camera": f"{args.width}x{args.height} rgb8 @ {args.camera_hz:g} Hz", "joint_hz": args.joint_hz,
             "control_hz": args.control_hz, "stored_image": f"{args.size}x{args.size}",
-            "reliability": args.reliability, "large_data": bool(args.large_data), "publisher_depth": args.pub_depth,
+            "reliability": args.reliability, "transport": TRANSPORTS[args.transport],
+            "large_data": args.transport == "large_data", "publisher_depth": args.pub_depth,
             "steps": steps, "ticks_dropped": dropped, "stale_by_stream": stale, "late_by_stream": late,
             "bad_messages": bad,
             "drop_rate": round(dropped / max(steps + dropped, 1), 4),
@@ -271,7 +293,12 @@ def main(argv=None) -> int:
     rec.add_argument("--duration", type=float, default=600.0, help="seconds of recording (the figure: 600)")
     rec.add_argument("--warmup", type=float, default=5.0)
     rec.add_argument("--reliability", choices=("reliable", "best_effort"), default="reliable")
-    rec.add_argument("--large-data", action="store_true", help="FASTDDS_BUILTIN_TRANSPORTS=LARGE_DATA for both processes")
+    rec.add_argument("--transport", choices=list(TRANSPORTS), default="shm",
+                     help="Fast DDS transports of both processes: shm (FASTRTPS_DEFAULT_PROFILES_FILE = vqbet_bringup's "
+                          "config/fastdds_large_images.xml), large_data (FASTDDS_BUILTIN_TRANSPORTS=LARGE_DATA) or "
+                          "default (builtin transports)")
+    rec.add_argument("--large-data", dest="transport", action="store_const", const="large_data",
+                     help="same as --transport large_data (kept for old command lines)")
     rec.add_argument("--pub-depth", type=int, default=10, help="publisher history depth (a camera driver's is 1-10)")
     rec.add_argument("--domain-id", type=int, default=77)
     rec.add_argument("--min-free-mb", type=float, default=1024.0)
@@ -282,6 +309,8 @@ def main(argv=None) -> int:
     bag.add_argument("--bag", default=None, help="benchmark this bag instead (topics as the synthetic one)")
     bag.add_argument("--repeat", type=int, default=2, help="best of N runs")
     args = parser.parse_args(argv)
+    if args.which == "recorder" and args.transport == "shm" and not DDS_PROFILE.exists():
+        parser.error(f"--transport shm: the Fast DDS profile {DDS_PROFILE} is missing; use --transport large_data or default")
     result = bench_recorder(args) if args.which == "recorder" else bench_bag2zarr(args)
     print(json.dumps(result))
     return 0

@@ -1,6 +1,6 @@
-"""ament_python package that installs the launch files (kept at the repository's top-level ``launch/``) and the
-default parameter files (``config/``) into ``share/vqbet_bringup``, so ``ros2 launch vqbet_bringup X.launch.py``
-finds them after ``colcon build``."""
+"""ament_python package that installs the launch files (kept at the repository's top-level ``launch/``), the
+default parameter files (``config/*.yaml``) and the Fast DDS profile for camera images (``config/*.xml``) into
+``share/vqbet_bringup``, so ``ros2 launch vqbet_bringup X.launch.py`` finds them after ``colcon build``."""
 
 import os
 from glob import glob
@@ -11,7 +11,7 @@ package_name = "vqbet_bringup"
 here = os.path.dirname(os.path.abspath(__file__))
 # paths relative to this folder, as setuptools wants; every launch file at the top level is installed
 launch_files = sorted(os.path.relpath(p, here) for p in glob(os.path.join(here, "..", "..", "..", "launch", "*.launch.py")))
-config_files = sorted(os.path.relpath(p, here) for p in glob(os.path.join(here, "config", "*.yaml")))
+config_files = sorted(os.path.relpath(p, here) for ext in ("yaml", "xml") for p in glob(os.path.join(here, "config", f"*.{ext}")))
 
 setup(
     name=package_name,

@@ -8,7 +8,12 @@ with ``trigger: camera`` (each frame starts a step, stamped with the frame's hea
 matched to its frame by stamp and ``overhead = end-to-end - runtime step`` is computed per step, in the
 same run. Prints one JSON line.
 
-Run: ``vqbet bench ros --model models/NAME [--calibration C.yaml] [--steps 1000] [--transport large_data]``
+Transport (``--transport``, both processes): ``shm`` (default) loads vqbet_bringup's Fast DDS profile
+``config/fastdds_large_images.xml`` (shared memory with a 16 MB segment, as the launch files do), so a
+640x480 image (900 KB) goes through shared memory instead of the network path it takes with the builtin
+transports, whose segment is 512 KB; ``large_data`` and ``default`` are the builtin transports.
+
+Run: ``vqbet bench ros --model models/NAME [--calibration C.yaml] [--steps 1000] [--transport shm]``
 (or ``python -m vqbet_ros.bench_ros ...``).
 """
 
@@ -29,6 +34,27 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[4]
+DDS_PROFILE = REPO / "ros2_ws" / "src" / "vqbet_bringup" / "config" / "fastdds_large_images.xml"
+TRANSPORTS = {"shm": "SHM 16 MB segment (fastdds_large_images.xml)",
+              "large_data": "LARGE_DATA (builtin)", "default": "default (builtin)"}
+
+
+def dds_profile() -> Path:
+    """vqbet_bringup's Fast DDS profile: this checkout's copy, else the installed one (colcon workspace)."""
+    if DDS_PROFILE.exists():
+        return DDS_PROFILE
+    try:
+        from ament_index_python.packages import get_package_share_directory
+
+        installed = Path(get_package_share_directory("vqbet_bringup")) / "config" / DDS_PROFILE.name
+        if installed.exists():
+            return installed
+    except (ImportError, LookupError, OSError, ValueError):  # not found: KeyError; no AMENT_PREFIX_PATH: OSError
+        pass
+    from vqbet_core.errors import VqbetError
+
+    raise VqbetError(f"--transport shm: no Fast DDS profile at {DDS_PROFILE} (nor an installed vqbet_bringup); "
+                     "use --transport large_data or default")
 
 
 def _stats(values) -> dict:
@@ -68,8 +94,10 @@ def parse_args(argv):
     p.add_argument("--width", type=int, default=640)
     p.add_argument("--height", type=int, default=480)
     p.add_argument("--encoding", default="rgb8", choices=["rgb8", "bgr8"])
-    p.add_argument("--transport", default="large_data", choices=["large_data", "default"],
-                   help="Fast DDS builtin transports: large_data (FASTDDS_BUILTIN_TRANSPORTS=LARGE_DATA) or default")
+    p.add_argument("--transport", default="shm", choices=list(TRANSPORTS),
+                   help="Fast DDS transports of both processes: shm (default; FASTRTPS_DEFAULT_PROFILES_FILE = "
+                        "vqbet_bringup's config/fastdds_large_images.xml, shared memory with a 16 MB segment), "
+                        "large_data (FASTDDS_BUILTIN_TRANSPORTS=LARGE_DATA) or default (builtin transports)")
     p.add_argument("--reliability", default="reliable", choices=["reliable", "best_effort"], help="image QoS")
     p.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads in the node")
     p.add_argument("--timeout", type=float, default=0.0, help="give up after this many seconds (0: 3x the planned time + 60)")
@@ -100,10 +128,12 @@ def main(argv=None) -> int:
     env["ROS_DOMAIN_ID"] = os.environ.get("VQBET_BENCH_DOMAIN", str(100 + random.randrange(100)))
     env["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"
     env.pop("ROS_LOCALHOST_ONLY", None)
-    if args.transport == "large_data":
+    env.pop("FASTDDS_BUILTIN_TRANSPORTS", None)
+    env.pop("FASTRTPS_DEFAULT_PROFILES_FILE", None)
+    if args.transport == "shm":
+        env["FASTRTPS_DEFAULT_PROFILES_FILE"] = str(dds_profile())
+    elif args.transport == "large_data":
         env["FASTDDS_BUILTIN_TRANSPORTS"] = "LARGE_DATA"
-    else:
-        env.pop("FASTDDS_BUILTIN_TRANSPORTS", None)
     os.environ.clear()
     os.environ.update(env)
 
@@ -129,7 +159,7 @@ def main(argv=None) -> int:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(5)
-    result.update({"transport": "LARGE_DATA" if args.transport == "large_data" else "default",
+    result.update({"transport": TRANSPORTS[args.transport],
                    "image_reliability": args.reliability, "node_threads": args.threads, "cpu_count": os.cpu_count(),
                    "load_average_1min": round(os.getloadavg()[0], 2)})
     print(json.dumps(result))

@@ -9,7 +9,9 @@
 2. ``vqbet train --config blockpush_ros`` (pusher joints + camera, as the policy node provides them);
 3. ``vqbet export`` (ONNX + model.yaml, parity checked);
 4. ``sim_robot_node`` and ``policy_node`` as separate processes talking DDS on loopback (private
-   ``ROS_DOMAIN_ID``, ``ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST``); each evaluation episode is
+   ``ROS_DOMAIN_ID``, ``ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST``, and vqbet_bringup's Fast DDS profile
+   ``config/fastdds_large_images.xml`` as the launch files use it, unless ``FASTRTPS_DEFAULT_PROFILES_FILE``
+   is already set - set it empty to run without a profile); each evaluation episode is
    policy ``~/enable`` false -> simulator ``~/reset`` -> ``~/enable`` true -> wait for ``/sim/episode_result``;
 5. one JSON line of metrics (the env's ``summarize`` plus ROS counters and stage timings) on stdout, and
    ``contact_sheet.png`` (camera frames of the first evaluation episode) in ``--out``.
@@ -39,6 +41,8 @@ from vqbet_core.errors import VqbetError
 REPO = Path(__file__).resolve().parents[4]  # ros2_ws/src/vqbet_ros/vqbet_ros/ -> repository root
 CALIBRATION = REPO / "calibration" / "blockpush_sim.yaml"
 BRINGUP_CONFIG = REPO / "ros2_ws" / "src" / "vqbet_bringup" / "config"
+# shared memory with a 16 MB segment: large camera frames skip the network path (see the file's comment)
+DDS_PROFILE = BRINGUP_CONFIG / "fastdds_large_images.xml"
 
 # Measured on 2 CPU cores (lightly loaded): 60 demos + blockpush_ros train in ~3 min, the whole demo in ~5.5 min;
 # the policy reaches the blocks (R1 1.0, R2 0.3-0.7) but does not yet push them into the targets (P1 0).
@@ -79,8 +83,13 @@ def free_domain_id(low: int = 1, high: int = 99, probe_s: float = 0.5, tries: in
 
 
 def ros_env(domain_id: int | None = None) -> dict:
-    """Environment for the node processes: a private DDS domain on loopback, unbuffered logs."""
+    """Environment for the node processes: a private DDS domain on loopback, vqbet_bringup's Fast DDS profile
+    (unless ``FASTRTPS_DEFAULT_PROFILES_FILE`` is set already, if only to ''), unbuffered logs."""
     env = dict(os.environ)
+    if "FASTRTPS_DEFAULT_PROFILES_FILE" not in env and DDS_PROFILE.exists():
+        env["FASTRTPS_DEFAULT_PROFILES_FILE"] = str(DDS_PROFILE)
+    elif env.get("FASTRTPS_DEFAULT_PROFILES_FILE") == "":  # '': no profile (Fast DDS logs an error for an empty path)
+        del env["FASTRTPS_DEFAULT_PROFILES_FILE"]
     env["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"
     os.environ["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"  # this process's own nodes (probe, session) too
     env["ROS_DOMAIN_ID"] = str(domain_id if domain_id is not None else free_domain_id())
