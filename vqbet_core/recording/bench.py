@@ -34,16 +34,17 @@ TRANSPORTS = {"shm": "SHM 16 MB segment (fastdds_large_images.xml)",
               "large_data": "LARGE_DATA (builtin)", "default": "default (builtin)"}
 
 
-def dds_env(env: dict, transport: str) -> dict:
-    """``env`` with the Fast DDS transport settings of ``transport`` (shm, large_data or default)."""
+def dds_env(env: dict, transport: str, profile: Path = DDS_PROFILE) -> dict:
+    """``env`` with the Fast DDS transport settings of ``transport`` (shm, large_data or default); shared by the
+    recorder bench and ``vqbet bench ros`` (which passes the installed profile when the checkout has none)."""
     env = dict(env)
     env.pop("FASTDDS_BUILTIN_TRANSPORTS", None)
     env.pop("FASTRTPS_DEFAULT_PROFILES_FILE", None)
     if transport == "shm":
-        if not DDS_PROFILE.exists():
-            raise FileNotFoundError(f"--transport shm: the Fast DDS profile {DDS_PROFILE} is missing (this checkout "
+        if not Path(profile).exists():
+            raise FileNotFoundError(f"--transport shm: the Fast DDS profile {profile} is missing (this checkout "
                                     "lacks ros2_ws/); use --transport large_data or default")
-        env["FASTRTPS_DEFAULT_PROFILES_FILE"] = str(DDS_PROFILE)
+        env["FASTRTPS_DEFAULT_PROFILES_FILE"] = str(profile)
     elif transport == "large_data":
         env["FASTDDS_BUILTIN_TRANSPORTS"] = "LARGE_DATA"
     elif transport != "default":

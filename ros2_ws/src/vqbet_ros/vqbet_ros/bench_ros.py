@@ -33,10 +33,9 @@ from pathlib import Path
 
 import numpy as np
 
+from vqbet_core.recording.bench import DDS_PROFILE, TRANSPORTS, dds_env
+
 REPO = Path(__file__).resolve().parents[4]
-DDS_PROFILE = REPO / "ros2_ws" / "src" / "vqbet_bringup" / "config" / "fastdds_large_images.xml"
-TRANSPORTS = {"shm": "SHM 16 MB segment (fastdds_large_images.xml)",
-              "large_data": "LARGE_DATA (builtin)", "default": "default (builtin)"}
 
 
 def dds_profile() -> Path:
@@ -128,12 +127,7 @@ def main(argv=None) -> int:
     env["ROS_DOMAIN_ID"] = os.environ.get("VQBET_BENCH_DOMAIN", str(100 + random.randrange(100)))
     env["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"
     env.pop("ROS_LOCALHOST_ONLY", None)
-    env.pop("FASTDDS_BUILTIN_TRANSPORTS", None)
-    env.pop("FASTRTPS_DEFAULT_PROFILES_FILE", None)
-    if args.transport == "shm":
-        env["FASTRTPS_DEFAULT_PROFILES_FILE"] = str(dds_profile())
-    elif args.transport == "large_data":
-        env["FASTDDS_BUILTIN_TRANSPORTS"] = "LARGE_DATA"
+    env = dds_env(env, args.transport, dds_profile() if args.transport == "shm" else DDS_PROFILE)
     os.environ.clear()
     os.environ.update(env)
 
