@@ -10,7 +10,7 @@ pytest.importorskip("mujoco")
 from vqbet_core.errors import VqbetError  # noqa: E402
 from vqbet_core.sim import make_env  # noqa: E402
 from vqbet_core.sim.base import EpisodeResult  # noqa: E402
-from vqbet_core.sim.kitchen import EXPERT_TASKS, KitchenEnv, order_entropy  # noqa: E402
+from vqbet_core.sim.kitchen import EXPERT_TASKS, KitchenEnv, order_entropy, subsample_entropy  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -191,6 +191,18 @@ def test_summarize_hand_made_results():
     bare = KitchenEnv.summarize([EpisodeResult(success=False, mode="microwave>light switch")])
     assert bare["tasks_mean"] == 2 and bare["demo_order_entropy"] is None and bare["order_entropy"] == 0.0
     assert order_entropy([None, "none"]) == 0.0
+    # equal-count comparison: 3 labelled rollouts vs 4 equally frequent demo orders drawn 3 at a time
+    assert s["demo_order_entropy_at_n"] == pytest.approx(np.log2(3))  # any 3 of 4 distinct labels
+
+
+def test_subsample_entropy_matches_the_count_not_the_pool():
+    many = [f"order{i}" for i in range(400)]  # 400 distinct orders: 8.6 bits in full
+    assert order_entropy(many) == pytest.approx(np.log2(400))
+    assert subsample_entropy(many, 50) == pytest.approx(np.log2(50))  # capped by the count
+    skewed = ["a"] * 90 + ["b"] * 10
+    assert 0.2 < subsample_entropy(skewed, 20) < order_entropy(skewed) + 1e-9
+    assert subsample_entropy(skewed, 500) == pytest.approx(order_entropy(skewed))
+    assert subsample_entropy([None], 5) == 0.0 and subsample_entropy(many, 0) == 0.0
 
 
 @pytest.mark.parametrize("kwargs, match", [
