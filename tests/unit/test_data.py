@@ -7,7 +7,7 @@ import zarr
 
 from vqbet_core.data.normalize import STD_FLOOR, Normalizer
 from vqbet_core.data.sampler import SequenceSampler, split_episodes
-from vqbet_core.data.store import ZarrDataset
+from vqbet_core.data.store import ZarrDataset, write_whole_frame_chunks
 from vqbet_core.errors import CheckpointError, DatasetError
 from vqbet_core.history import ObservationHistory
 
@@ -198,6 +198,28 @@ def test_leftovers_are_truncated_on_open_for_append(tmp_path):
     ds.validate()
     np.testing.assert_array_equal(ds.episode_ends, [3, 8, 10])
     np.testing.assert_array_equal(ds.read("state")[:, 0], np.arange(10))  # no trace of the leftover
+
+
+def test_frame_chunks_are_written_exactly_as_zarr_writes_them(tmp_path):
+    rng = np.random.default_rng(0)
+    frames = rng.integers(0, 255, (5, 12, 16, 3), dtype=np.uint8)
+    frames[:, :6] = 7  # compressible half: the compressor really runs
+    fast = ZarrDataset.create(tmp_path / "fast.zarr")
+    fast.add_episode({"camera_front": frames, "action": np.zeros((5, 2), np.float32)})
+    by_zarr = zarr.open_group(str(tmp_path / "zarr.zarr"), mode="w", zarr_format=2)
+    ref = by_zarr.create_array("f", shape=frames.shape, dtype=np.uint8, chunks=(1, 12, 16, 3),
+                               compressors=fast.root["data/camera_front"].metadata.compressor)
+    ref[:] = frames
+    for i in range(5):
+        name = f"{i}.0.0.0"
+        assert (tmp_path / "fast.zarr/data/camera_front" / name).read_bytes() == (tmp_path / "zarr.zarr/f" / name).read_bytes()
+    again = ZarrDataset.open(tmp_path / "fast.zarr")
+    np.testing.assert_array_equal(again.read("camera_front"), frames)
+    # other layouts (several steps per chunk, filters, another dtype) go through zarr: False, nothing written
+    low = fast.root["data/action"]
+    assert not write_whole_frame_chunks(low, 5, np.zeros((1, 2), np.float32))
+    assert not write_whole_frame_chunks(fast.root["data/camera_front"], 5, frames[:1].astype(np.int16))
+    assert not (tmp_path / "fast.zarr/data/camera_front/5.0.0.0").exists()
 
 
 def test_discard_episode(tmp_path):

@@ -19,8 +19,6 @@ again skips the episodes already in the dataset, so a run interrupted by a corru
 from __future__ import annotations
 
 import json
-import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -326,13 +324,13 @@ def convert_bags(bags, calibration, out, options: BagOptions | None = None, prog
     hz = options.control_hz or calibration.control_hz
     attrs = dataset_attrs(calibration, cams, hz, "bag2zarr", options.settings())
     writer = EpisodeWriter(out, attrs, min_free_mb=options.min_free_mb, stop_free_mb=options.stop_free_mb,
-                           flush_every=max(1, int(round(hz))), background=True, check_keys=RECORDING_CHECK_KEYS)
+                           flush_every=max(1, int(round(10 * hz))), background=False,
+                           check_keys=RECORDING_CHECK_KEYS)  # 10 s batches: fewer zarr calls offline
     if writer.recovered_steps:
         log(f"{out}: truncated {writer.recovered_steps} leftover steps of an interrupted episode")
     done = set(writer.ds.attrs.get("episode_sources") or [])
     reports: dict[int, BagReport] = {}
     bar = None
-    pool = ThreadPoolExecutor(max_workers=max(1, min(4, (os.cpu_count() or 2))), thread_name_prefix="decode")
     try:
         opened = []
         total = 0
@@ -361,7 +359,6 @@ def convert_bags(bags, calibration, out, options: BagOptions | None = None, prog
                 session = None
                 session = _BagSession(reader, bag, calibration, options, writer, done,
                                       bar.update if bar is not None else (lambda n: None))
-                session.sampler.prefetch = pool.submit
                 reports[i] = session.run()
             except BagError as exc:
                 reports[i] = BagReport(str(bag), error=str(exc))
@@ -372,7 +369,6 @@ def convert_bags(bags, calibration, out, options: BagOptions | None = None, prog
             finally:
                 reader.close()
     finally:
-        pool.shutdown(wait=True, cancel_futures=True)
         if bar is not None:
             bar.close()
         if writer.recording:
