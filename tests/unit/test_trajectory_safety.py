@@ -142,6 +142,28 @@ def test_message_round_trip(limits):
     assert all(np.diff([pt.time_from_start.sec + pt.time_from_start.nanosec * 1e-9 for pt in msg.points]) > 0)
 
 
+@pytest.mark.parametrize("frame_id,points", [("", 16), ("base_link", 3), ("bäse", 1)])
+def test_serialized_trajectory_is_the_same_message(limits, frame_id, points):
+    pytest.importorskip("trajectory_msgs")
+    from rclpy.serialization import deserialize_message, serialize_message
+    from trajectory_msgs.msg import JointTrajectory
+
+    from vqbet_ros.trajectory import serialize_joint_trajectory, to_joint_trajectory
+
+    rng = np.random.default_rng(points)
+    start = (limits.lower + limits.upper) / 2
+    actions, times = chunk(start, rng.uniform(-0.002, 0.002, 9), w=points)
+    traj = make_safe_trajectory(actions, times + 1.7e9, 1.7e9 + 100.0, start, 1.7e9 + 100.0, limits, lead=0.1)
+    names = [f"joint_{'x' * (k * points % 5)}" for k in range(9)]  # name lengths that need string padding
+    ours = serialize_joint_trajectory(traj, names, frame_id)
+    msg = to_joint_trajectory(traj, names, frame_id)
+    back = deserialize_message(ours, JointTrajectory)
+    assert back == msg  # every field (rmw's own bytes differ only in padding, which it leaves uninitialised)
+    assert back.header.frame_id == frame_id and list(back.joint_names) == names and len(back.points) == points
+    assert len(ours) <= len(serialize_message(msg))
+    np.testing.assert_array_equal(np.array([p.positions for p in back.points]), traj.positions)
+
+
 # ---------------------------------------------------------------------- joint states by name (policy node)
 def test_joint_state_merger_maps_by_name_and_merges_partial_messages():
     from vqbet_ros.policy_node import JointStateMerger
