@@ -184,6 +184,7 @@ def test_summarize_hand_made_results():
     assert s["episodes"] == 4 and s["tasks_mean"] == pytest.approx(2.5)
     assert (s["frac_ge_1"], s["frac_ge_2"], s["frac_ge_3"], s["frac_ge_4"]) == (0.75, 0.75, 0.5, 0.5)
     assert s["success_rate"] == 0.5 and s["distinct_orders"] == 2
+    assert s["first_task_freq"] == {"microwave": pytest.approx(2 / 3), "hinge cabinet": pytest.approx(1 / 3)}
     assert s["order_entropy"] == pytest.approx(-(2 / 3) * np.log2(2 / 3) - (1 / 3) * np.log2(1 / 3))
     assert s["demo_order_entropy"] == pytest.approx(2.0)  # four equally frequent orders
     assert s["rate_microwave"] == 0.75 and s["rate_hinge_cabinet"] == 0.25 and s["rate_light_switch"] == 0.5

@@ -305,6 +305,8 @@ class KitchenEnv(SimEnv):
             out[f"rate_{task.replace(' ', '_')}"] = sum(task in o for o in orders) / n
         out["order_entropy"] = order_entropy([">".join(o) for o in orders])
         out["distinct_orders"] = len({">".join(o) for o in orders if o})
+        firsts = [o[0] for o in orders if o]  # the first decision is where the order's diversity starts
+        out["first_task_freq"] = {t: firsts.count(t) / len(firsts) for t in sorted(set(firsts))} if firsts else {}
         out["demo_order_entropy"] = None if demo_modes is None else order_entropy(list(demo_modes))
         # Entropy grows with the sample count (50 episodes cap it at log2(50) = 5.6 bits), so the fair
         # comparison is against the demos' entropy at the rollouts' own count.
