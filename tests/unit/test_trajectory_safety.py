@@ -161,6 +161,9 @@ def test_serialized_trajectory_is_the_same_message(limits, frame_id, points):
     assert back == msg  # every field (rmw's own bytes differ only in padding, which it leaves uninitialised)
     assert back.header.frame_id == frame_id and list(back.joint_names) == names and len(back.points) == points
     assert len(ours) <= len(serialize_message(msg))
+    from vqbet_ros.bench_ros import trajectory_stamp_ns  # what the latency bench reads from the bytes
+
+    assert trajectory_stamp_ns(ours) == msg.header.stamp.sec * 1_000_000_000 + msg.header.stamp.nanosec
     np.testing.assert_array_equal(np.array([p.positions for p in back.points]), traj.positions)
 
 
