@@ -457,7 +457,8 @@ def test_bad_model_folder_is_one_line_and_exit_2(tmp_path):
 
 
 def test_compressed_camera_trigger_mode_enabled_at_start_and_hold_on_sigint(tiny_model, tmp_path):
-    """CompressedImage input, a step per frame stamped with the frame's stamp, enabled:=true, hold at shutdown."""
+    """CompressedImage input, a step per frame stamped with the frame's stamp, enabled:=true, hold at shutdown;
+    with ``executor:=single`` (the module fixture's node runs the default EventsExecutor)."""
     import rclpy
     from rclpy.executors import SingleThreadedExecutor
     from sensor_msgs.msg import CompressedImage, JointState
@@ -472,7 +473,8 @@ def test_compressed_camera_trigger_mode_enabled_at_start_and_hold_on_sigint(tiny
     with open(log_path, "wb") as log:
         proc = subprocess.Popen([sys.executable, "-m", "vqbet_ros.policy_node", "--ros-args", "-p", f"model:={tiny_model}",
                                  "-p", f"calibration:={cal_path}", "-p", "enabled:=true", "-p", "trigger:=camera",
-                                 "-p", "task_sequence:=[microwave]", "-p", "threads:=1", "-p", "diagnostics_period:=0.3"],
+                                 "-p", "task_sequence:=[microwave]", "-p", "threads:=1", "-p", "diagnostics_period:=0.3",
+                                 "-p", "executor:=single"],
                                 env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     context = rclpy.Context()
     rclpy.init(context=context, domain_id=int(env["ROS_DOMAIN_ID"]))
