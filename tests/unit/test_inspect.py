@@ -101,3 +101,28 @@ def test_bad_datasets_give_one_line(tmp_path, capsys):
     ds.root["data/action"][4] = [np.nan, 0.0]
     code, _, err = inspect(capsys, str(ds.path))
     assert code == 2 and err.count("\n") == 1 and "data/action" in err and "step 4" in err
+
+
+def test_tokens_by_first_decision(tmp_path, capsys):
+    """Two modes that share their first half (right) and split later (up / down): one token at the start,
+    a token of their own after the split."""
+    from tests.unit.test_train import tiny_cfg, two_mode_dataset
+    from vqbet_core.train.trainer import Trainer
+
+    data = two_mode_dataset(tmp_path / "two.zarr")
+    run = tmp_path / "run"
+    Trainer(tiny_cfg("bet", phase2_steps=1), data, run, progress=False).run()  # k-means bins: no tokenizer training
+    code, out, _ = inspect(capsys, str(data), "--json", "--tokens", str(run), "--token-steps", "0,20,29")
+    assert code == 0
+    steps = json.loads(out)["tokens"]["steps"]
+    assert steps["0"]["decisions"] == 2 and steps["0"]["distinct"] == 0  # both start to the right
+    assert steps["20"]["distinct"] == 2  # up and down have their own bins
+    assert steps["20"]["top_token"]["up"]["share"] == 1.0
+    assert "29" not in steps or steps["29"]["decisions"] == 2  # a chunk must fit in the episode
+    code, out, _ = inspect(capsys, str(data), "--tokens", str(run))
+    assert code == 0 and "first decisions have a token of their own" in out
+    no_modes = make_store(tmp_path / "nomodes.zarr", modes=())
+    code, _, err = inspect(capsys, str(no_modes.path), "--tokens", str(run))
+    assert code != 0 and "episode_modes" in err and len(err.strip().splitlines()) == 1
+    code, _, err = inspect(capsys, str(data), "--tokens", str(run), "--token-steps", "a,b")
+    assert code != 0 and "--token-steps" in err
