@@ -80,18 +80,6 @@ def _match(stamps: list[int], keyed: dict, tol_ns: int = 2000) -> dict[int, int]
     return out
 
 
-def _executor(context):
-    """The bench's own executors stand in for C++ processes: rclpy's EventsExecutor where it exists."""
-    try:
-        from rclpy.experimental import EventsExecutor
-
-        return EventsExecutor(context=context)
-    except ImportError:
-        from rclpy.executors import SingleThreadedExecutor
-
-        return SingleThreadedExecutor(context=context)
-
-
 def trajectory_stamp_ns(raw: bytes) -> int:
     """Header stamp (ns) of a serialized message that starts with a ``std_msgs/Header`` (plain CDR)."""
     order = "<" if raw[1] == 1 else ">"
@@ -190,14 +178,15 @@ def _measure(args, spec, calib, camera: str, proc) -> dict:
 
     from vqbet_core.errors import VqbetError
     from vqbet_ros import ros_convert
-    from vqbet_ros.policy_node import TIMING_FIELDS
+    from vqbet_ros.policy_node import TIMING_FIELDS, make_executor
     from vqbet_ros.qos import make_qos
 
     context = rclpy.Context()
     rclpy.init(context=context)
     pub_node = rclpy.create_node("bench_ros_publisher", context=context)
     sub_node = rclpy.create_node("bench_ros_receiver", context=context)
-    executors = [_executor(context) for _ in range(2)]
+    # the bench's own executors stand in for C++ processes: the EventsExecutor, as the node runs
+    executors = [make_executor("events", context=context) for _ in range(2)]
     executors[0].add_node(pub_node)
     executors[1].add_node(sub_node)
     stop = threading.Event()

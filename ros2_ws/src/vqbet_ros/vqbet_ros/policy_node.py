@@ -680,7 +680,7 @@ def make_node_class():
     return PolicyNode
 
 
-def make_executor(kind: str, logger=None):
+def make_executor(kind: str, logger=None, context=None):
     """The node's executor. ``events``: rclpy's EventsExecutor (C++ event queue; on 2 cores it cut the
     p99 image -> trajectory overhead from 6.4 to 3.8 ms in one ``vqbet bench ros`` run), falling back to
     the SingleThreadedExecutor where this rclpy lacks it; ``single``: the SingleThreadedExecutor."""
@@ -693,9 +693,9 @@ def make_executor(kind: str, logger=None):
             if logger is not None:
                 logger.warning("executor 'events': this rclpy has no rclpy.experimental.EventsExecutor, "
                                "using the SingleThreadedExecutor")
-            return SingleThreadedExecutor()
-        return EventsExecutor()
-    return SingleThreadedExecutor()
+            return SingleThreadedExecutor(context=context)
+        return EventsExecutor(context=context)
+    return SingleThreadedExecutor(context=context)
 
 
 def main(args=None) -> int:
