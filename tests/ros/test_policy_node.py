@@ -456,9 +456,17 @@ def test_bad_model_folder_is_one_line_and_exit_2(tmp_path):
     assert len(lines) == 1 and "model folder not found" in lines[0], proc.stderr
 
 
+PIN_CPU = max(os.sched_getaffinity(0))
+
+
+def _cpus_allowed(task: Path) -> str:
+    return next(line.split(":", 1)[1].strip() for line in (task / "status").read_text().splitlines()
+                if line.startswith("Cpus_allowed_list"))
+
+
 def test_compressed_camera_trigger_mode_enabled_at_start_and_hold_on_sigint(tiny_model, tmp_path):
     """CompressedImage input, a step per frame stamped with the frame's stamp, enabled:=true, hold at shutdown;
-    with ``executor:=single`` (the module fixture's node runs the default EventsExecutor)."""
+    with ``executor:=single`` (the module fixture's node runs the default EventsExecutor), pinned by ``cpus``."""
     import rclpy
     from rclpy.executors import SingleThreadedExecutor
     from sensor_msgs.msg import CompressedImage, JointState
@@ -474,7 +482,7 @@ def test_compressed_camera_trigger_mode_enabled_at_start_and_hold_on_sigint(tiny
         proc = subprocess.Popen([sys.executable, "-m", "vqbet_ros.policy_node", "--ros-args", "-p", f"model:={tiny_model}",
                                  "-p", f"calibration:={cal_path}", "-p", "enabled:=true", "-p", "trigger:=camera",
                                  "-p", "task_sequence:=[microwave]", "-p", "threads:=1", "-p", "diagnostics_period:=0.3",
-                                 "-p", "executor:=single"],
+                                 "-p", "executor:=single", "-p", f"cpus:={PIN_CPU}"],
                                 env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     context = rclpy.Context()
     rclpy.init(context=context, domain_id=int(env["ROS_DOMAIN_ID"]))
@@ -516,6 +524,8 @@ def test_compressed_camera_trigger_mode_enabled_at_start_and_hold_on_sigint(tiny
             frame()
             spin(0.1)
         assert got, f"no trajectory: {log_path.read_text()[-2000:]}"
+        allowed = {t.name: _cpus_allowed(t) for t in Path(f"/proc/{proc.pid}/task").iterdir()}
+        assert len(allowed) > 3 and set(allowed.values()) == {str(PIN_CPU)}, allowed  # DDS + onnxruntime threads too
         got.clear()
         sent.clear()
         for i in range(25):  # one frame per control period: each one is a step

@@ -193,6 +193,7 @@ def make_node_class():
     from vqbet_core.calibration import load_calibration
     from vqbet_core.runtime import PolicyRuntime
     from vqbet_ros import ros_convert
+    from vqbet_ros.cpu_affinity import parse_cpus, pin_process
     from vqbet_ros.diagnostics import Diagnostics
     from vqbet_ros.qos import incompatible_qos_warning, qos_from_parameters
     from vqbet_ros.trajectory import (SafetyLimits, UnsafeOutput, hold_trajectory, make_safe_trajectory,
@@ -219,6 +220,12 @@ def make_node_class():
                     raise VqbetError(f"parameter {name} must be one of {list(choices)}, got {p[name]!r}")
             if not p["max_age"] > 0:
                 raise VqbetError(f"parameter max_age must be > 0 seconds, got {p['max_age']}")
+            if p["cpus"]:  # before onnxruntime starts its threads; the DDS threads are moved too
+                try:
+                    pin_process(parse_cpus(p["cpus"]))
+                except (ValueError, OSError) as exc:
+                    raise VqbetError(f"parameter cpus: {exc}") from None
+                self.get_logger().info(f"pinned to CPUs {p['cpus']}")
             self.calibration = load_calibration(p["calibration"])
             providers = [v for v in p["providers"] if v] or None
             temperature = None if p["temperature"] < 0 else float(p["temperature"])
@@ -305,8 +312,8 @@ def make_node_class():
 
         # -------------------------------------------------------------- parameters and checks
         def _declare_parameters(self) -> dict:
-            def declare(name, default, description, array=False):
-                desc = ParameterDescriptor(description=description)
+            def declare(name, default, description, array=False, any_type=False):
+                desc = ParameterDescriptor(description=description, dynamic_typing=any_type)
                 if array:
                     desc.type = ParameterType.PARAMETER_STRING_ARRAY
                 return self.declare_parameter(name, default, desc).value
@@ -334,6 +341,8 @@ def make_node_class():
                 "diagnostics_period": declare("diagnostics_period", 1.0, "seconds between /diagnostics messages"),
                 "publish_timing": declare("publish_timing", False, "publish ~/step_timing (benchmarks)"),
                 "frame_id": declare("frame_id", "", "header.frame_id of the trajectories"),
+                "cpus": str(declare("cpus", "", "CPU ids to pin the node process to, e.g. 3 or '2-3'; empty = not pinned",
+                                    any_type=True)),  # cpus:=3 arrives as an integer
                 "executor": declare("executor", "events", "events (rclpy's C++ EventsExecutor: lower, steadier latency) "
                                     "or single (SingleThreadedExecutor)"),
             }
