@@ -67,7 +67,8 @@ def _trajectory(values, rng):
 
 
 def write_bag(path: Path, storage: str, seconds: float = 2.0, command: str = "JointTrajectory", t0: int = T0,
-              markers=(), skip_topics=(), bad_joint_every: int = 0, seed: int = 0):
+              markers=(), skip_topics=(), bad_joint_every: int = 0, seed: int = 0, bad_png_every: int = 0,
+              camera_lag_ns: int = 2 * MS):
     """A bag like ``ros2 bag record`` writes: log time = stamp + a small transport latency.
 
     Returns {stream: [(stamp used for sampling, seq)]} of the good messages, for the reference."""
@@ -80,12 +81,15 @@ def write_bag(path: Path, storage: str, seconds: float = 2.0, command: str = "Jo
         bgr = np.ascontiguousarray(frame(k)[:, :, ::-1])
         img = T["sensor_msgs/msg/Image"](header=_header(stamp), height=48, width=64, encoding="bgr8",
                                          is_bigendian=0, step=192, data=bgr.reshape(-1))
-        events.append((stamp + 2 * MS, "/camera/image_raw", "sensor_msgs/msg/Image", img))
+        events.append((stamp + camera_lag_ns, "/camera/image_raw", "sensor_msgs/msg/Image", img))
         used["camera_front"].append((stamp, k))
         ok, png = cv2.imencode(".png", bgr)
+        if bad_png_every and k % bad_png_every == bad_png_every - 1:
+            png = np.frombuffer(b"not a png", np.uint8)  # fails only when a tick selects it
+        else:
+            used["camera_wrist"].append((stamp + 1000, k))
         comp = T["sensor_msgs/msg/CompressedImage"](header=_header(stamp + 1000), format="png", data=png.reshape(-1))
         events.append((stamp + 3 * MS, "/wrist/image/compressed", "sensor_msgs/msg/CompressedImage", comp))
-        used["camera_wrist"].append((stamp + 1000, k))
         log = stamp + 1 * MS
         if command == "JointTrajectory":  # header stamp 0: sampled by its log (receive) time
             events.append((log, "/teleop/joint_command", "trajectory_msgs/msg/JointTrajectory", _trajectory(command_values(k), rng)))
@@ -241,3 +245,46 @@ def test_progress_bar_and_full_frames(tmp_path, cal, capsys):
     ds = ZarrDataset.open(tmp_path / "d.zarr")
     assert ds.array("camera_front").shape[1:] == (48, 64, 3)
     assert ds.attrs["cameras"]["front"]["preprocess"] is None
+
+
+def _convert(tmp_path, name, bag, cal, workers, log=None, **kw):
+    from vqbet_core.recording.bag2zarr import BagOptions, convert_bags
+
+    out = tmp_path / f"{name}.zarr"
+    options = BagOptions(workers=workers, segment_seconds=0.3, min_free_mb=1, **kw)
+    reports = convert_bags([bag], load_calibration(cal), out, options, progress=False, log=log or (lambda line: None))
+    return reports[0], ZarrDataset.open(out)
+
+
+def _same_dataset(a, b):
+    assert a.keys == b.keys
+    for key in a.keys:
+        np.testing.assert_array_equal(a.read(key), b.read(key))
+    for attr in ("episode_ends", "episode_tasks", "episode_sources", "episode_notes"):
+        assert a.attrs.get(attr) == b.attrs.get(attr), attr
+
+
+def test_parallel_segments_give_the_single_pass_dataset(tmp_path, cal):
+    """Two worker processes on 0.3 s segments: the same arrays, episodes and counts as one pass, with bad
+    joint states and PNGs that fail only when selected (counted once though two segments may read them)."""
+    markers = [(T0 + 150 * MS, "start pick"), (T0 + 1_650 * MS, "end"), (T0 + 1_700 * MS, "start junk"),
+               (T0 + 1_750 * MS, "discard"), (T0 + 1_900 * MS, "start place"), (T0 + 2_950 * MS, "end")]
+    write_bag(tmp_path / "bag", "mcap", seconds=3.0, markers=markers, bad_joint_every=13, bad_png_every=4)
+    # max_age 40 ms: a tick whose 30 Hz frame failed falls back to the one before, or is dropped
+    one, ds1 = _convert(tmp_path, "one", tmp_path / "bag", cal, 1, episode_topic="/episode", max_age=0.04)
+    par, ds2 = _convert(tmp_path, "par", tmp_path / "bag", cal, 2, episode_topic="/episode", max_age=0.04)
+    assert one.episodes == par.episodes and len(one.episodes) == 2 and one.error == par.error == ""
+    assert (one.dropped, one.stale, one.bad, one.bytes_read) == (par.dropped, par.stale, par.bad, par.bytes_read)
+    assert one.bad["robot_joint"] == 300 // 13 and one.bad["camera_wrist"] > 0 and one.dropped > 0
+    _same_dataset(ds1, ds2)
+
+
+def test_parallel_falls_back_to_one_pass_on_skewed_stamps(tmp_path, cal):
+    """A camera logged 0.4 s after its header stamps (beyond the segments' 0.25 s margin): one pass, said once."""
+    write_bag(tmp_path / "bag", "sqlite3", seconds=2.0, camera_lag_ns=400 * MS)
+    lines = []
+    one, ds1 = _convert(tmp_path, "one", tmp_path / "bag", cal, 1)
+    par, ds2 = _convert(tmp_path, "par", tmp_path / "bag", cal, 2, log=lines.append)
+    assert [line for line in lines if "converting in one pass" in line] == [line for line in lines if line]
+    assert len(lines) == 1 and one.episodes == par.episodes and one.skipped == par.skipped == 0
+    _same_dataset(ds1, ds2)

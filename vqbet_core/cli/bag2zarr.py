@@ -28,6 +28,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-preprocess", action="store_true", help="store full camera frames (no crop/resize)")
     parser.add_argument("--task", default="", help="task label for episodes without one")
     parser.add_argument("--min-free-mb", type=float, default=1024.0, help="free disk needed to start an episode")
+    parser.add_argument("--workers", type=int, default=0,
+                        help="processes converting segments of an episode in parallel (0: one per CPU, 1: a single pass)")
+    parser.add_argument("--segment-seconds", type=float, default=2.0, help="seconds of recording per parallel segment")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -48,6 +51,7 @@ def run(args) -> int:
         episode_topic=args.episode_topic, control_hz=args.control_hz, max_age=args.max_age, max_wait=args.max_wait,
         stamp_source=args.stamp, preprocess=not args.no_preprocess, task=args.task,
         min_free_mb=args.min_free_mb, stop_free_mb=min(256.0, args.min_free_mb),
+        workers=args.workers, segment_seconds=args.segment_seconds,
     )
     log = lambda line: print(line, file=sys.stderr)  # noqa: E731
     reports = convert_bags(args.bags, calibration, args.out, options, progress=not args.no_progress, log=log)

@@ -14,11 +14,21 @@ start without an end before the bag ends is not converted (live, it was never co
 
 Each episode's source (``<bag path>#<k>``) is kept in ``.zattrs`` ``episode_sources``; converting a bag
 again skips the episodes already in the dataset, so a run interrupted by a corrupt bag can be repeated.
+
+Parallel conversion (``workers`` > 1): an episode's ticks are cut into segments of ``segment_seconds``, and
+worker processes replay each segment's part of the bag (from ``max_age`` + 0.25 s before its first tick to
+0.25 s after its last) through the same sampler; the main process writes the segments in order. A tick only
+selects messages stamped within ``max_age`` before it, so the dataset is the same as a single pass's -
+provided every header stamp is within 0.25 s (and ``max_wait``) of its log time; a bag where one is not is
+converted in a single pass (the workers check). Bad messages are counted once each, by topic and log time.
 """
 
 from __future__ import annotations
 
 import json
+import multiprocessing
+import os
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -33,6 +43,7 @@ from vqbet_core.recording.messages import (
     frame_for_dataset,
 )
 from vqbet_core.recording.sampler import (
+    NS,
     RECORDING_CHECK_KEYS,
     DiskFullError,
     EpisodeWriter,
@@ -45,6 +56,8 @@ from vqbet_core.recording.sampler import (
 
 IMAGE_TYPES = {"sensor_msgs/msg/Image": False, "sensor_msgs/msg/CompressedImage": True}
 STRING_TYPE = "std_msgs/msg/String"
+#: a segment reads this much beyond what its ticks can select, for header stamps off their log time
+SKEW_NS = NS // 4
 
 
 class BagError(VqbetError):
@@ -67,6 +80,8 @@ class BagOptions:
     task: str = ""
     min_free_mb: float = 1024.0
     stop_free_mb: float = 256.0
+    workers: int = 0  # processes converting segments in parallel; 0 = one per CPU, 1 = a single pass
+    segment_seconds: float = 2.0  # ticks per parallel segment, in seconds of recording
 
     def settings(self) -> dict:
         return {"max_age": self.max_age, "max_wait": self.max_wait, "stamp_source": self.stamp_source,
@@ -83,6 +98,20 @@ class BagReport:
     bad: dict = field(default_factory=dict)
     error: str = ""
     bytes_read: int = 0
+
+
+@dataclass
+class SegmentResult:
+    """What a worker sampled from one segment of an episode (see the module docstring)."""
+
+    samples: list = field(default_factory=list)  # [(tick ns, {stream: value})], in tick order
+    dropped: int = 0
+    stale: dict = field(default_factory=dict)
+    bad: set = field(default_factory=set)  # {(stream, topic, log ns)} of the bad messages it met
+    messages: int = 0  # messages of its own span (for progress and bytes read)
+    bytes_read: int = 0
+    error: str = ""  # the bag is unreadable from here on (BagError text)
+    skewed: bool = False  # a header stamp more than SKEW_NS from its log time: convert in one pass
 
 
 def _rosbags():
@@ -163,6 +192,8 @@ class _BagSession:
         hz = options.control_hz or calibration.control_hz
         self.sampler = StreamSampler(stream_keys(self.cam_names), hz, options.max_age, options.max_wait)
         self.preprocess = {n: calibration.cameras[n].preprocess if options.preprocess else None for n in self.cam_names}
+        self.bad_ids: set | None = None  # segment mode: (stream, topic, log ns) of every bad message met
+        self.skewed = False
 
     def _require(self, topic: str, types: set) -> str:
         conns = self.by_topic.get(topic)
@@ -193,10 +224,10 @@ class _BagSession:
     def _bad_marker(self, exc) -> None:
         self.sampler.bad(self.opt.episode_topic, f"bad episode marker: {exc}")
 
-    def _messages(self, conns):
+    def _messages(self, conns, start: int | None = None, stop: int | None = None):
         topic = "?"
         try:
-            for conn, log_ns, raw in self.reader.messages(connections=conns):
+            for conn, log_ns, raw in self.reader.messages(connections=conns, start=start, stop=stop):
                 topic = conn.topic
                 yield conn, log_ns, raw
         except VqbetError:
@@ -206,7 +237,7 @@ class _BagSession:
                            f"{type(exc).__name__}: {exc}") from None
 
     # ------------------------------------------------------------------ replay
-    def _convert(self, msg, kind):
+    def _convert(self, msg, kind, ident):
         what, cam = kind
         if what == "joint_state":
             return self.mapper.from_joint_state(msg)
@@ -216,22 +247,72 @@ class _BagSession:
         if not compressed:
             check_image(msg)
         pre = self.preprocess[cam]
-        return Lazy(lambda: frame_for_dataset(msg, pre, compressed, _image_fallback))
+        bad_ids = self.bad_ids
+
+        def decode():
+            try:
+                return frame_for_dataset(msg, pre, compressed, _image_fallback)
+            except MessageError:
+                if bad_ids is not None:  # counted by the sampler too; the id keeps segments from counting it twice
+                    bad_ids.add(ident)
+                raise
+
+        return Lazy(decode)
+
+    def _bad(self, stream: str, reason: str, ident, stamp: int | None = None) -> None:
+        self.sampler.bad(stream, reason, stamp)
+        if self.bad_ids is not None:
+            self.bad_ids.add(ident)
 
     def _push(self, conn, raw, log_ns, stream, kind) -> None:
         """One bag message into the sampler, exactly as the node's callbacks do it."""
+        ident = (stream, conn.topic, log_ns)
         try:
             msg = self.reader.deserialize(raw, conn.msgtype)
         except Exception as exc:  # undeserializable bytes: a bad message, not a crash
-            self.sampler.bad(stream, f"cannot deserialize {conn.msgtype}: {type(exc).__name__}: {exc}")
+            self._bad(stream, f"cannot deserialize {conn.msgtype}: {type(exc).__name__}: {exc}", ident)
             return
         stamp = choose_stamp(msg, log_ns, self.opt.stamp_source)
+        if self.bad_ids is not None and abs(stamp - log_ns) > min(SKEW_NS, self.sampler.max_wait_ns):
+            self.skewed = True  # a single pass could judge this message late: the segments might not
         try:
-            value = self._convert(msg, kind)
+            value = self._convert(msg, kind, ident)
         except MessageError as exc:
-            self.sampler.bad(stream, str(exc), stamp)
+            self._bad(stream, str(exc), ident, stamp)
             return
         self.sampler.push(stream, stamp, value)
+
+    def _conns(self) -> tuple[list, dict]:
+        conns = [c for t in self.streams for c in self.by_topic[t]]
+        return conns, {c.id: self.streams[c.topic] for c in conns}
+
+    def sample_segment(self, lo: int, last: int, read_from: int | None, read_to: int | None,
+                       own_to: int | None) -> SegmentResult:
+        """A worker's job: the ticks ``lo..last`` (ns), reading the bag's log times ``[read_from, read_to)``
+        (None: its start / end) and at least its own span ``[lo, own_to)``, whose messages it counts."""
+        self.bad_ids, self.skewed = set(), False
+        res = SegmentResult()
+        conns, stream_of = self._conns()
+        self.sampler.start(lo, last)
+        log_ns = lo if read_from is None else read_from
+        try:
+            for conn, log_ns, raw in self._messages(conns, start=read_from, stop=read_to):
+                if (log_ns >= lo or read_from is None) and (own_to is None or log_ns < own_to):  # its own span
+                    res.messages += 1
+                    res.bytes_read += len(raw)
+                self._push(conn, raw, log_ns, *stream_of[conn.id])
+                res.samples += self.sampler.advance(log_ns)
+                if self.sampler.done and own_to is not None and log_ns >= own_to:
+                    break  # its ticks are decided and its span is read (bad messages there are its to count)
+            else:
+                res.samples += self.sampler.finish()
+        except BagError as exc:  # as a single pass does: keep the ticks up to the last readable message
+            res.error = str(exc)
+            self.sampler.set_end(min(log_ns, last))
+            res.samples += self.sampler.finish()
+        stats = self.sampler.stats
+        res.dropped, res.stale, res.bad, res.skewed = stats.dropped, dict(stats.stale), self.bad_ids, self.skewed
+        return res
 
     def run(self) -> BagReport:
         every = self.windows()
@@ -239,8 +320,7 @@ class _BagSession:
         self.report.skipped = len(every) - len(windows)
         if not windows:
             return self.report
-        conns = [c for t in self.streams for c in self.by_topic[t]]
-        stream_of = {c.id: self.streams[c.topic] for c in conns}
+        conns, stream_of = self._conns()
         w = 0  # index of the next / current window
         active = False
         log_ns = 0
@@ -277,6 +357,79 @@ class _BagSession:
         self.report.bad = {s: n for s, n in self.sampler.stats.bad_total.items() if n}
         return self.report
 
+    def _segment_jobs(self, windows) -> list[tuple[int, bool, tuple]]:
+        """(window index, last of its window, job) for every segment. Together the jobs read the whole bag
+        once plus margins: the first from the bag's start, the last to its end."""
+        sampler, bag = self.sampler, str(self.bag)
+        period = sampler.period_ns
+        seg = max(1, int(round(self.opt.segment_seconds * NS / period)))
+        spans = []  # (window index, lo, last)
+        for w, (start, end, _, _) in enumerate(windows):
+            bounds = list(range(sampler.first_tick(start), end + 1, period * seg))
+            spans += [(w, lo, bounds[k + 1] - 1 if k + 1 < len(bounds) else end) for k, lo in enumerate(bounds)]
+        jobs = []
+        for j, (w, lo, last) in enumerate(spans):
+            final = j + 1 == len(spans)
+            read_from = None if j == 0 else lo - sampler.max_age_ns - SKEW_NS
+            own_to = None if final else spans[j + 1][1]  # it counts the messages of [lo, next lo), bad ones too
+            read_to = None if final else max(own_to, last + SKEW_NS + 1)  # stamps <= last, logged by then
+            jobs.append((w, final or spans[j + 1][0] != w, (bag, self.cal, self.opt, lo, last, read_from, read_to, own_to)))
+        return jobs
+
+    def run_parallel(self, pool) -> BagReport | None:
+        """Each episode cut into segments sampled by ``pool``'s workers, written here in order. Returns None
+        (nothing of the current episode written) when a worker met a skewed stamp: convert in one pass."""
+        every = self.windows()
+        windows = [w for w in every if w[3] not in self.done_sources]
+        self.report.skipped = len(every) - len(windows)
+        jobs = self._segment_jobs(windows)
+        bad_ids: set = set()
+        current, dropped, stale, error = None, 0, {}, ""
+        results = pool.imap(_segment_job, [job for _, _, job in jobs])
+        for (w, window_last, _), res in zip(jobs, results):
+            if res.skewed:
+                if current is not None:
+                    self.writer.discard()
+                return None
+            if current != w:
+                self._begin(windows[w])
+                current, dropped, stale = w, 0, {}
+            self.tick(res.messages)
+            self.report.bytes_read += res.bytes_read
+            bad_ids |= res.bad
+            error = res.error
+            try:
+                self._write(res.samples)
+            except DiskFullError as exc:  # as a single pass: what was written is committed, then stop
+                self.report.error = str(exc)
+                self._commit(windows[w], note=str(exc))
+                raise
+            dropped += res.dropped
+            for k, n in res.stale.items():
+                stale[k] = stale.get(k, 0) + n
+            if window_last or error:
+                self._commit(windows[w], note=f"truncated: {error}" if error else "", dropped=dropped, stale=stale)
+                current = None
+            if error:
+                self.report.error = error
+                break
+        bad = {k: n for k, n in self.sampler.stats.bad_total.items() if n}  # episode markers, read here
+        for stream, _, _ in bad_ids:
+            bad[stream] = bad.get(stream, 0) + 1
+        self.report.bad = bad
+        return self.report
+
+    def _commit(self, window, note: str = "", dropped: int = 0, stale: dict | None = None) -> None:
+        self.sampler.stop()
+        result = self.writer.commit(note=note)
+        self.report.dropped += dropped
+        for k, n in (stale or {}).items():
+            if n:
+                self.report.stale[k] = self.report.stale.get(k, 0) + n
+        if result.index >= 0:
+            self.report.episodes.append((result.index, result.length))
+            self.done_sources.add(window[3])
+
     def _begin(self, window) -> None:
         start, end, task, source = window
         self.sampler.start(start, end)
@@ -305,6 +458,40 @@ class _BagSession:
             self.done_sources.add(window[3])
 
 
+_WORKER_READERS: dict = {}  # bag path -> open reader, per worker process (a pool lives for one convert_bags call)
+
+
+def _segment_job(job) -> SegmentResult:
+    """Run in a worker process: one segment of one episode (see :meth:`_BagSession.sample_segment`)."""
+    bag, calibration, options, lo, last, read_from, read_to, own_to = job
+    reader = _WORKER_READERS.get(bag)
+    if reader is None:
+        AnyReader, typestore = _rosbags()
+        try:
+            reader = AnyReader([Path(bag)], default_typestore=typestore)
+            reader.open()
+        except Exception as exc:  # noqa: BLE001 - rosbags raises its own and sqlite / mcap errors here
+            return SegmentResult(error=f"bag {bag}: cannot open ({type(exc).__name__}: {exc})")
+        _WORKER_READERS[bag] = reader
+    try:
+        session = _BagSession(reader, Path(bag), calibration, options, None, set(), lambda n: None)
+        return session.sample_segment(lo, last, read_from, read_to, own_to)
+    except BagError as exc:
+        return SegmentResult(error=str(exc))
+
+
+def _make_pool(workers: int):
+    """Worker processes, forked while this process has no other threads (zarr's and tqdm's start later);
+    otherwise from a fork server (forking a multi-threaded process can deadlock)."""
+    methods = multiprocessing.get_all_start_methods()
+    if threading.active_count() == 1 and "fork" in methods:
+        return multiprocessing.get_context("fork").Pool(workers)
+    ctx = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
+    if "forkserver" in methods:
+        ctx.set_forkserver_preload([__name__])
+    return ctx.Pool(workers)
+
+
 def convert_bags(bags, calibration, out, options: BagOptions | None = None, progress: bool = True,
                  log: Callable[[str], None] = print) -> list[BagReport]:
     """Convert ``bags`` into the dataset ``out`` (created or appended to); one report per bag.
@@ -320,6 +507,21 @@ def convert_bags(bags, calibration, out, options: BagOptions | None = None, prog
     if unknown:
         raise VqbetError(f"--camera {unknown[0]}: not a camera of the calibration {calibration.path} "
                          f"(has: {', '.join(calibration.cameras) or 'none'})")
+    if options.workers < 0:
+        raise VqbetError(f"workers must be >= 0 (0 = one per CPU), got {options.workers}")
+    if not options.segment_seconds > 0:
+        raise VqbetError(f"segment seconds must be > 0, got {options.segment_seconds}")
+    workers = options.workers or min(os.cpu_count() or 1, 8)
+    pool = _make_pool(workers) if workers > 1 else None  # first: no threads of ours running yet
+    try:
+        return _convert_all(bags, calibration, out, options, pool, progress, log, AnyReader, typestore)
+    finally:
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+
+
+def _convert_all(bags, calibration, out, options, pool, progress, log, AnyReader, typestore) -> list[BagReport]:
     cams = list(camera_topics(calibration, options))
     hz = options.control_hz or calibration.control_hz
     attrs = dataset_attrs(calibration, cams, hz, "bag2zarr", options.settings())
@@ -357,9 +559,18 @@ def convert_bags(bags, calibration, out, options: BagOptions | None = None, prog
                 if stop:
                     continue
                 session = None
-                session = _BagSession(reader, bag, calibration, options, writer, done,
-                                      bar.update if bar is not None else (lambda n: None))
-                reports[i] = session.run()
+                tick = bar.update if bar is not None else (lambda n: None)
+                session = _BagSession(reader, bag, calibration, options, writer, done, tick)
+                report = session.run_parallel(pool) if pool is not None else None
+                if report is None:  # a single pass (workers=1, or a bag whose stamps are skewed)
+                    first = session.report.episodes if pool is not None else []
+                    if pool is not None:
+                        log(f"{bag}: header stamps more than {SKEW_NS / NS:g} s from log times; converting in one pass")
+                    session = _BagSession(reader, bag, calibration, options, writer, done, tick)
+                    report = session.run()
+                    report.episodes = first + report.episodes
+                    report.skipped -= len(first)
+                reports[i] = report
             except BagError as exc:
                 reports[i] = BagReport(str(bag), error=str(exc))
             except DiskFullError as exc:  # stop cleanly: what is committed stays
