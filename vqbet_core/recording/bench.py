@@ -185,7 +185,8 @@ def _split_drops(published: Path, out: Path, control_hz: float, max_age: float) 
 # ---------------------------------------------------------------------- bag2zarr
 def write_bench_bag(path: Path, storage: str, seconds: float, cameras: int, width: int, height: int,
                     camera_hz: float, joint_hz: float) -> None:
-    """A synthetic teleoperation bag: cameras (rgb8), shuffled joint states, a JointState command."""
+    """A synthetic teleoperation bag: cameras (rgb8), joint states and a JointState command (each in its own
+    joint order, not the calibration's)."""
     from rosbags.rosbag2 import StoragePlugin, Writer
     from rosbags.typesys import Stores, get_typestore
 
@@ -199,6 +200,8 @@ def write_bench_bag(path: Path, storage: str, seconds: float, cameras: int, widt
     frames = [rng.integers(0, 255, (height, width, 3), dtype=np.uint8).reshape(-1) for _ in range(4)]
     t0 = 1_700_000_000 * 10**9
     plugin = StoragePlugin.MCAP if storage == "mcap" else StoragePlugin.SQLITE3
+    # each publisher keeps one joint order (as joint_state_broadcaster does), not the calibration's
+    joint_order, command_order = rng.permutation(len(JOINTS)), rng.permutation(len(JOINTS))
     events = []
     for k in range(int(seconds * camera_hz)):
         stamp = t0 + int(k * 1e9 / camera_hz)
@@ -206,14 +209,14 @@ def write_bench_bag(path: Path, storage: str, seconds: float, cameras: int, widt
             events.append((stamp + 2_000_000, f"/cam{c}/image_raw", "sensor_msgs/msg/Image",
                            T["sensor_msgs/msg/Image"](header=header(stamp), height=height, width=width, encoding="rgb8",
                                                       is_bigendian=0, step=width * 3, data=frames[(k + c) % 4])))
-        perm = rng.permutation(len(JOINTS))
+        perm = command_order
         events.append((stamp + 1_000_000, "/teleop/joint_command", "sensor_msgs/msg/JointState",
                        T["sensor_msgs/msg/JointState"](header=header(stamp), name=[JOINTS[i] for i in perm],
                                                        position=np.arange(len(JOINTS), dtype=np.float64)[perm] + k,
                                                        velocity=np.zeros(0), effort=np.zeros(0))))
     for k in range(int(seconds * joint_hz)):
         stamp = t0 + int(k * 1e9 / joint_hz)
-        perm = rng.permutation(len(JOINTS))
+        perm = joint_order
         events.append((stamp + 500_000, "/joint_states", "sensor_msgs/msg/JointState",
                        T["sensor_msgs/msg/JointState"](header=header(stamp), name=[JOINTS[i] for i in perm],
                                                        position=np.arange(len(JOINTS), dtype=np.float64)[perm] * k,
