@@ -9,7 +9,8 @@
     skip the network path); ``large_data`` / ``default`` are Fast DDS's builtin transports.
 ``python -m vqbet_core.recording.bench bag2zarr --seconds 20``
     a bag of the same streams written with rosbags, then MB/s of bag2zarr against MB/s of a plain rosbags
-    read of the same bag (iterate only, and iterate + deserialize).
+    read of the same bag (iterate only, and iterate + deserialize); ``--cold`` drops the page cache before each
+    timed run (root), so the bag comes from the disk as a bag copied off the robot would.
 """
 
 from __future__ import annotations
@@ -230,6 +231,17 @@ def write_bench_bag(path: Path, storage: str, seconds: float, cameras: int, widt
             writer.write(conns[topic], log, ts.serialize_cdr(msg, msgtype))
 
 
+def _settle(cold: bool) -> None:
+    """Before a timed run: flush pending writes (the 1 GB bag just written, earlier outputs), so their
+    writeback does not land in the timing; with ``cold``, also drop the page cache (Linux, root)."""
+    os.sync()
+    if cold:
+        try:
+            Path("/proc/sys/vm/drop_caches").write_text("1\n")
+        except OSError as exc:
+            raise SystemExit(f"--cold: cannot drop the page cache ({exc}); run as root on Linux, or leave --cold out")
+
+
 def bench_bag2zarr(args) -> dict:
     from rosbags.highlevel import AnyReader
     from rosbags.typesys import Stores, get_typestore
@@ -250,6 +262,7 @@ def bench_bag2zarr(args) -> dict:
                                             args.control_hz, args.size))
         for rep in range(args.repeat):
             for mode in ("read", "read_deserialize"):
+                _settle(args.cold)
                 t = time.perf_counter()
                 with AnyReader([bag], default_typestore=typestore) as reader:
                     for conn, _, raw in reader.messages():
@@ -257,7 +270,7 @@ def bench_bag2zarr(args) -> dict:
                             reader.deserialize(raw, conn.msgtype)
                 timings[mode].append(time.perf_counter() - t)
             out = tmp / f"out{rep}.zarr"
-            os.sync()  # the bag just written (1 GB) and earlier outputs: their writeback must not land in the timing
+            _settle(args.cold)
             t = time.perf_counter()
             reports = convert_bags([bag], cal, out, BagOptions(command_topic="/teleop/joint_command", min_free_mb=1,
                                                                workers=args.workers),
@@ -270,7 +283,7 @@ def bench_bag2zarr(args) -> dict:
         mbps = {k: size / 1e6 / v for k, v in best.items()}
         return {
             "bench": "bag2zarr", "storage": args.storage if not args.bag else "given", "bag_MB": round(size / 1e6, 1),
-            "bag_seconds": args.seconds, "cameras": args.cameras, "camera": f"{args.width}x{args.height} rgb8",
+            "bag_seconds": args.seconds, "page_cache": "dropped before each run" if args.cold else "warm", "cameras": args.cameras, "camera": f"{args.width}x{args.height} rgb8",
             "control_hz": args.control_hz, "steps": steps,
             "rosbags_read_MB_per_s": round(mbps["read"], 1),
             "rosbags_read_deserialize_MB_per_s": round(mbps["read_deserialize"], 1),
@@ -315,6 +328,8 @@ def main(argv=None) -> int:
     bag.add_argument("--bag", default=None, help="benchmark this bag instead (topics as the synthetic one)")
     bag.add_argument("--repeat", type=int, default=2, help="best of N runs")
     bag.add_argument("--workers", type=int, default=0, help="bag2zarr worker processes (0: one per CPU, 1: one pass)")
+    bag.add_argument("--cold", action="store_true",
+                     help="drop the page cache before each timed run, so the bag comes from the disk (needs root)")
     args = parser.parse_args(argv)
     if args.which == "recorder" and args.transport == "shm" and not DDS_PROFILE.exists():
         parser.error(f"--transport shm: the Fast DDS profile {DDS_PROFILE} is missing; use --transport large_data or default")
