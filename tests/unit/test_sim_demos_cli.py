@@ -140,3 +140,29 @@ def test_hopeless_expert_gives_up_and_leaves_no_empty_store(tmp_path, capsys):
     assert code == 2 and out == ""
     assert "0 of 40 attempts" in err and err.count("\n") == 1
     assert not out_path.exists()
+
+
+def test_action_noise_executes_perturbed_actions_and_records_clean_ones(tmp_path, capsys, fork_store):
+    """DART: with --action-noise the next state is off the recorded action by the noise, and the recorded
+    action is the expert's answer to the perturbed state (clean runs: next state = state + action)."""
+    clean_path, _ = fork_store
+    noisy_path = tmp_path / "noisy.zarr"
+    rc = sim_demos(capsys, "--env", "multipath", "--episodes", "6", "--out", str(noisy_path), "--seed", "3",
+                   "--action-noise", "0.05")[0]
+    assert rc == 0
+
+    def residuals(path):
+        ds = ZarrDataset.open(path)
+        out = []
+        for e in range(ds.n_episodes):
+            ep = ds.episode(e, ["state", "action"])
+            out.append(ep["state"][1:] - ep["state"][:-1] - ep["action"][:-1])
+        return ds, np.concatenate(out)
+
+    clean, r_clean = residuals(clean_path)
+    noisy, r_noisy = residuals(noisy_path)
+    assert np.abs(r_clean).max() < 1e-5
+    assert 0.03 < float(r_noisy.std()) < 0.07 and noisy.attrs["sim_demos_action_noise"] == 0.05
+    assert "sim_demos_action_noise" not in clean.attrs
+    assert sim_demos(capsys, "--env", "multipath", "--episodes", "1", "--out", str(tmp_path / "x.zarr"),
+                     "--action-noise", "-1")[0] == 2

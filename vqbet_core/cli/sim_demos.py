@@ -25,6 +25,9 @@ def add_arguments(p) -> None:
     p.add_argument("--append", action="store_true", help="append to an existing --out instead of refusing to touch it")
     p.add_argument("--max-attempts", type=int, default=None,
                    help="give up after this many expert episodes (default: 20 x --episodes)")
+    p.add_argument("--action-noise", type=float, default=0.0, metavar="STD",
+                   help="DART-style: execute the expert's action plus Gaussian noise of this std (action units) but "
+                        "record the clean action, so demonstrations show recoveries from small errors (default 0)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -79,18 +82,24 @@ def _open_store(out: Path, append: bool, attrs: dict):
     return ds
 
 
-def _record_episode(env, expert, seed: int, keys: list[str]):
-    """One expert episode; returns (result, steps dict) - steps hold the obs before each action."""
+def _record_episode(env, expert, seed: int, keys: list[str], action_noise: float = 0.0):
+    """One expert episode; returns (result, steps dict) - steps hold the obs before each action.
+
+    With ``action_noise`` the env executes a perturbed action while the clean one is recorded (DART):
+    the expert's next actions then label the way back from states a learned policy also drifts into."""
     import numpy as np
 
     obs = env.reset(seed=seed)
     expert.reset(env, np.random.default_rng([seed, 1]))
+    noise = np.random.default_rng([seed, 2])
     steps: dict[str, list] = {k: [] for k in keys + ["action"]}
     for _ in range(env.max_steps):
         action = np.asarray(expert.act(obs), np.float32)
         for k in keys:
             steps[k].append(np.asarray(obs[k]))
         steps["action"].append(action)
+        if action_noise > 0:
+            action = (action + noise.normal(0.0, action_noise, action.shape)).astype(np.float32)
         obs, done = env.step(action)
         if done:
             break
@@ -113,6 +122,8 @@ def run(args) -> int:
         raise VqbetError(f"--max-attempts ({max_attempts}) must be >= --episodes ({args.episodes})")
     if args.seed < 0:
         raise VqbetError(f"--seed must be >= 0, got {args.seed}")
+    if not args.action_noise >= 0:
+        raise VqbetError(f"--action-noise must be a std >= 0, got {args.action_noise}")
     out = Path(args.out)
     if out.exists() and not args.append:
         raise VqbetError(f"--out {out}: already exists (pass --append to add episodes to it, or choose a new path)")
@@ -122,6 +133,8 @@ def run(args) -> int:
     ds = None
     try:
         attrs = {**env.dataset_attrs(), "env": args.env, "env_args": env_args}
+        if args.action_noise:
+            attrs["sim_demos_action_noise"] = float(args.action_noise)
         control_hz = float(attrs.get("control_hz") or 10.0)
         attrs["control_hz"] = attrs.get("control_hz") or control_hz
         ds = _open_store(out, args.append, attrs)
@@ -144,7 +157,7 @@ def run(args) -> int:
                         f"before collecting {args.episodes} episodes (raise --max-attempts or check the env args)")
                 seed = args.seed * SEED_STRIDE + first_attempt + attempts
                 attempts += 1
-                result, episode = _record_episode(env, expert, seed, keys)
+                result, episode = _record_episode(env, expert, seed, keys, args.action_noise)
                 if result.success:
                     episode["timestamp"] = np.arange(len(episode["action"]), dtype=np.float64) / control_hz
                     # label first, then commit: a crash in between leaves a label too many (trimmed on --append)
