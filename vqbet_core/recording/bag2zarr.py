@@ -402,7 +402,7 @@ class _BagSession:
                 self._write(res.samples)
             except DiskFullError as exc:  # as a single pass: what was written is committed, then stop
                 self.report.error = str(exc)
-                self._commit(windows[w], note=str(exc))
+                self._commit(windows[w], str(exc), dropped, stale)
                 raise
             dropped += res.dropped
             for k, n in res.stale.items():
@@ -420,6 +420,7 @@ class _BagSession:
         return self.report
 
     def _commit(self, window, note: str = "", dropped: int = 0, stale: dict | None = None) -> None:
+        """Commit the current episode and add its counts to the report (single pass and parallel alike)."""
         self.sampler.stop()
         result = self.writer.commit(note=note)
         self.report.dropped += dropped
@@ -445,17 +446,9 @@ class _BagSession:
     def _finish(self, window, note: str = "", decide: bool = False) -> None:
         if decide:
             self._write(self.sampler.finish())
-        self.sampler.stop()
-        result = self.writer.commit(note=note)
         stats = self.sampler.stats
-        self.report.dropped += stats.dropped
-        for s, n in stats.stale.items():
-            if n:
-                self.report.stale[s] = self.report.stale.get(s, 0) + n
+        self._commit(window, note, stats.dropped, stats.stale)
         self.report.bad = {s: n for s, n in stats.bad_total.items() if n}  # the whole bag so far
-        if result.index >= 0:
-            self.report.episodes.append((result.index, result.length))
-            self.done_sources.add(window[3])
 
 
 _WORKER_READERS: dict = {}  # bag path -> open reader, per worker process (a pool lives for one convert_bags call)
@@ -478,6 +471,11 @@ def _segment_job(job) -> SegmentResult:
         return session.sample_segment(lo, last, read_from, read_to, own_to)
     except BagError as exc:
         return SegmentResult(error=str(exc))
+
+
+def resolve_workers(workers: int) -> int:
+    """``BagOptions.workers`` as a process count: 0 = one per CPU (at most 8)."""
+    return workers or min(os.cpu_count() or 1, 8)
 
 
 def _make_pool(workers: int):
@@ -511,7 +509,7 @@ def convert_bags(bags, calibration, out, options: BagOptions | None = None, prog
         raise VqbetError(f"workers must be >= 0 (0 = one per CPU), got {options.workers}")
     if not options.segment_seconds > 0:
         raise VqbetError(f"segment seconds must be > 0, got {options.segment_seconds}")
-    workers = options.workers or min(os.cpu_count() or 1, 8)
+    workers = resolve_workers(options.workers)
     pool = _make_pool(workers) if workers > 1 else None  # first: no threads of ours running yet
     try:
         return _convert_all(bags, calibration, out, options, pool, progress, log, AnyReader, typestore)

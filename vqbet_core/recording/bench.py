@@ -247,7 +247,7 @@ def bench_bag2zarr(args) -> dict:
     from rosbags.typesys import Stores, get_typestore
 
     from vqbet_core.calibration import load_calibration
-    from vqbet_core.recording.bag2zarr import BagOptions, convert_bags
+    from vqbet_core.recording.bag2zarr import BagOptions, convert_bags, resolve_workers
 
     tmp = Path(tempfile.mkdtemp(prefix="vqbet_bench_bag_"))
     try:
@@ -283,14 +283,15 @@ def bench_bag2zarr(args) -> dict:
         mbps = {k: size / 1e6 / v for k, v in best.items()}
         return {
             "bench": "bag2zarr", "storage": args.storage if not args.bag else "given", "bag_MB": round(size / 1e6, 1),
-            "bag_seconds": args.seconds, "page_cache": "dropped before each run" if args.cold else "warm", "cameras": args.cameras, "camera": f"{args.width}x{args.height} rgb8",
+            "bag_seconds": args.seconds, "page_cache": "dropped before each run" if args.cold else "warm",
+            "cameras": args.cameras, "camera": f"{args.width}x{args.height} rgb8",
             "control_hz": args.control_hz, "steps": steps,
             "rosbags_read_MB_per_s": round(mbps["read"], 1),
             "rosbags_read_deserialize_MB_per_s": round(mbps["read_deserialize"], 1),
             "bag2zarr_MB_per_s": round(mbps["bag2zarr"], 1),
             "ratio_vs_read": round(mbps["bag2zarr"] / mbps["read"], 3),
             "ratio_vs_read_deserialize": round(mbps["bag2zarr"] / mbps["read_deserialize"], 3),
-            "workers": args.workers or min(os.cpu_count() or 1, 8), "repeat": args.repeat, "machine_cpus": os.cpu_count(),
+            "workers": resolve_workers(args.workers), "repeat": args.repeat, "machine_cpus": os.cpu_count(),
         }
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

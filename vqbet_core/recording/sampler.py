@@ -52,8 +52,8 @@ class DiskFullError(VqbetError):
 class Lazy:
     """A value computed on first use and cached (decode + crop/resize of a selected frame).
 
-    :meth:`prefetch` starts the computation on a thread pool (OpenCV releases the GIL), so an offline
-    conversion decodes frames in parallel with reading the bag; :meth:`get` then waits for it.
+    :meth:`prefetch` starts the computation on a thread pool (OpenCV releases the GIL), so the recorder
+    decodes frames off its callback thread; :meth:`get` then waits for it.
     """
 
     __slots__ = ("_fn", "_value", "_future")
