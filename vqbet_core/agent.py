@@ -38,6 +38,10 @@ class TorchAgent:
             size = int(self.cfg["vision"]["image_size"])
             self.preprocess = ImagePreprocess(size=(size, size))
 
+    def reseed(self, seed: int) -> None:
+        """Restart the code-sampling generator (rollouts reseed per episode, so episodes are reproducible alone)."""
+        self.generator.manual_seed(int(seed))
+
     def reset(self, goal: np.ndarray | None = None) -> None:
         self.history.reset()
         if self.blender is not None:

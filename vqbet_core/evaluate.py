@@ -2,11 +2,36 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from vqbet_core.sim.base import EpisodeResult, SimEnv
+
+
+def run_episode(env: SimEnv, agent, seed: int, limit: int, want_frames: bool = False
+                ) -> tuple[EpisodeResult, np.ndarray, list[np.ndarray]]:
+    """One closed-loop episode on env seed ``seed``: result, low-dim trajectory (first obs key), frames.
+
+    The agent's sampling generator is reseeded from the episode's seed (when it can be), so an episode's
+    outcome depends on its seed only - not on which episodes ran before it or in which process.
+    """
+    obs = env.reset(seed=seed)
+    if hasattr(agent, "reseed"):
+        agent.reseed(seed)
+    goal = env.goal() if hasattr(env, "goal") and getattr(agent, "needs_goal", False) else None
+    agent.reset(goal) if goal is not None else agent.reset()
+    key = env.obs_keys[0]
+    traj, frames = [np.asarray(obs[key]).copy()], []
+    for _ in range(limit):
+        if want_frames:
+            frames.append(env.render())
+        obs, done = env.step(agent.act(obs))
+        traj.append(np.asarray(obs[key]).copy())
+        if done:
+            break
+    return env.result(), np.stack(traj), frames
 
 
 def rollout(env: SimEnv, agent, episodes: int, seed: int = 0, max_steps: int | None = None,
@@ -20,23 +45,83 @@ def rollout(env: SimEnv, agent, episodes: int, seed: int = 0, max_steps: int | N
 
     results, trajectories, frames = [], [], []
     limit = max_steps or env.max_steps
-    key = env.obs_keys[0]
     for ep in tqdm(range(episodes), desc="eval", disable=not progress, dynamic_ncols=True):
-        obs = env.reset(seed=seed + ep)
-        goal = env.goal() if hasattr(env, "goal") and getattr(agent, "needs_goal", False) else None
-        agent.reset(goal) if goal is not None else agent.reset()
-        traj, ep_frames = [np.asarray(obs[key]).copy()], []
-        for _ in range(limit):
-            if ep < frames_for:
-                ep_frames.append(env.render())
-            obs, done = env.step(agent.act(obs))
-            traj.append(np.asarray(obs[key]).copy())
-            if done:
-                break
-        results.append(env.result())
-        trajectories.append(np.stack(traj))
+        result, traj, ep_frames = run_episode(env, agent, seed + ep, limit, ep < frames_for)
+        results.append(result)
+        trajectories.append(traj)
         if ep_frames:
             frames.append(ep_frames)
+    return results, trajectories, frames
+
+
+@dataclass(frozen=True)
+class RolloutSpec:
+    """What a worker process needs to build its own agent and env (both are per-process: simulators and
+    onnxruntime sessions are not shared across processes)."""
+
+    env: str
+    env_args: dict
+    checkpoint: str | None = None  # torch run folder, or
+    model: str | None = None  # exported model folder (onnxruntime)
+    device: str = "cpu"
+    temperature: float | None = None
+    blend: bool | None = None
+    threads: int | None = None  # intra-op threads of torch / onnxruntime in each worker (None: their default)
+
+
+def make_agent(spec: RolloutSpec, seed: int = 0):
+    """The agent ``spec`` names: :class:`TorchAgent` for a checkpoint, :class:`RuntimeAgent` for a model."""
+    if spec.checkpoint:
+        from vqbet_core.agent import TorchAgent
+
+        return TorchAgent(spec.checkpoint, device=spec.device, temperature=spec.temperature, seed=seed, blend=spec.blend)
+    from vqbet_core.runtime.agent import RuntimeAgent
+
+    return RuntimeAgent(spec.model, temperature=spec.temperature, seed=seed, blend=spec.blend, threads=spec.threads)
+
+
+_WORKER: dict = {}
+
+
+def _init_worker(spec: RolloutSpec, limit: int | None, frames_for: int) -> None:
+    import torch
+
+    from vqbet_core.sim import make_env
+
+    if spec.threads:
+        torch.set_num_threads(spec.threads)
+    env = make_env(spec.env, **spec.env_args)
+    _WORKER.update(env=env, agent=make_agent(spec), limit=limit or env.max_steps, frames_for=frames_for)
+
+
+def _worker_episode(job: tuple[int, int]):
+    ep, seed = job
+    w = _WORKER
+    return run_episode(w["env"], w["agent"], seed, w["limit"], ep < w["frames_for"])
+
+
+def parallel_rollout(spec: RolloutSpec, episodes: int, workers: int, seed: int = 0, max_steps: int | None = None,
+                     frames_for: int = 0, progress: bool = False
+                     ) -> tuple[list[EpisodeResult], list[np.ndarray], list[list[np.ndarray]]]:
+    """:func:`rollout` spread over ``workers`` processes, one episode per job, results in episode order.
+
+    Each episode reseeds the agent from its env seed, so the results equal a single-process
+    :func:`rollout` of the same agent episode for episode (tests check it).
+    """
+    import multiprocessing
+
+    from tqdm.auto import tqdm
+
+    ctx = multiprocessing.get_context("spawn")  # simulators and torch threads do not survive a fork
+    jobs = [(ep, seed + ep) for ep in range(episodes)]
+    results, trajectories, frames = [], [], []
+    with ctx.Pool(workers, initializer=_init_worker, initargs=(spec, max_steps, frames_for)) as pool:
+        for result, traj, ep_frames in tqdm(pool.imap(_worker_episode, jobs), total=episodes, desc="eval",
+                                            disable=not progress, dynamic_ncols=True):
+            results.append(result)
+            trajectories.append(traj)
+            if ep_frames:
+                frames.append(ep_frames)
     return results, trajectories, frames
 
 

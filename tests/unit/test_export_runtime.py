@@ -234,6 +234,42 @@ def test_cli_export_and_eval_with_model(models, work, capsys):
     assert vqbet(["eval", "--model", str(out), "--env", "multipath", "--episodes", "2", "--max-steps", "15"]) == 0
     metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert metrics["env"] == "multipath" and metrics["source"] == str(out)
+    # the same rollouts spread over two processes print the same metrics
+    assert vqbet(["eval", "--model", str(out), "--env", "multipath", "--episodes", "2", "--max-steps", "15",
+                  "--workers", "2"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == metrics
+    assert vqbet(["eval", "--model", str(out), "--env", "multipath", "--workers", "0"]) == 2
+    assert "--workers 0" in capsys.readouterr().err
+
+
+def test_parallel_rollout_equals_one_process(models):
+    """Episodes reseed the sampler from their env seed: two processes give the one-process trajectories."""
+    from vqbet_core.evaluate import RolloutSpec, make_agent, parallel_rollout, rollout, run_episode
+    from vqbet_core.sim import make_env
+
+    spec = RolloutSpec(env="multipath", env_args={}, checkpoint=str(models["vqbet"][0]))
+    env = make_env("multipath")
+    one = rollout(env, make_agent(spec), 4, seed=7, max_steps=20)
+    two = parallel_rollout(spec, 4, 2, seed=7, max_steps=20)
+    assert [r.mode for r in one[0]] == [r.mode for r in two[0]]
+    for a, b in zip(one[1], two[1]):
+        np.testing.assert_array_equal(a, b)
+    alone = rollout(env, make_agent(spec), 1, seed=9, max_steps=20)  # episode 2 on its own
+    np.testing.assert_array_equal(alone[1][0], one[1][2])
+
+    class OtherDraws:  # same env seed, other sampling draws: the trajectory must change (sampling matters here)
+        def __init__(self, agent):
+            self.agent = agent
+
+        def reseed(self, seed):
+            self.agent.reseed(seed + 1000)
+
+        def __getattr__(self, name):
+            return getattr(self.agent, name)
+
+    changed = [not np.array_equal(run_episode(env, OtherDraws(make_agent(spec)), 7 + ep, 20)[1], one[1][ep])
+               for ep in range(4)]
+    assert any(changed)
 
 
 def test_bench_policy_reports_stages_and_speedup(models, capsys):

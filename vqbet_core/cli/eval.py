@@ -24,6 +24,8 @@ def add_arguments(p) -> None:
                    help="average overlapping chunks (the paper) or execute the newest chunk's first action "
                         "(default: the model's sampling.blend)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--workers", type=int, default=1,
+                   help="rollout processes (episodes are spread over them; results equal one process's)")
     p.add_argument("--progress", action="store_true", help="show a progress bar")
 
 
@@ -42,28 +44,38 @@ def parse_env_args(items: list[str]) -> dict:
 
 
 def run(args) -> int:
+    import os
+
     import torch
 
-    from vqbet_core.evaluate import contact_sheet, plot_mode_frequencies, rollout, write_video
+    from vqbet_core.errors import VqbetError
+    from vqbet_core.evaluate import (RolloutSpec, contact_sheet, make_agent, parallel_rollout, plot_mode_frequencies,
+                                     rollout, write_video)
     from vqbet_core.sim import make_env
 
-    if args.checkpoint:
-        from vqbet_core.agent import TorchAgent
-
-        agent = TorchAgent(args.checkpoint, device=args.device, temperature=args.temperature, seed=args.seed,
-                           blend=None if args.blend is None else args.blend == "average")
-        attrs = agent.meta.get("dataset_attrs", {})
-    else:
-        from vqbet_core.runtime.agent import RuntimeAgent
-
-        agent = RuntimeAgent(args.model, temperature=args.temperature, seed=args.seed, blend=None if args.blend is None else args.blend == "average")
-        attrs = agent.model.meta.get("dataset_attrs", {})
+    if args.workers < 1:
+        raise VqbetError(f"--workers {args.workers}: expected a positive number of processes")
+    if args.episodes < 1:
+        raise VqbetError(f"--episodes {args.episodes}: expected a positive number of episodes")
+    workers = min(args.workers, args.episodes)
+    spec = RolloutSpec(env=args.env, env_args={}, checkpoint=args.checkpoint, model=args.model, device=args.device,
+                       temperature=args.temperature, blend=None if args.blend is None else args.blend == "average",
+                       threads=None if workers == 1 else max(1, (os.cpu_count() or 1) // workers))
+    agent = make_agent(spec, seed=args.seed)
+    attrs = (agent.meta if args.checkpoint else agent.model.meta).get("dataset_attrs", {})
     torch.set_num_threads(max(1, torch.get_num_threads()))
     env_args = {**(attrs.get("env_args") or {}), **parse_env_args(args.env_arg)}
-    env = make_env(args.env, **env_args)
     want_frames = 1 if (args.video or args.contact_sheet) else 0
-    results, trajectories, frames = rollout(env, agent, args.episodes, seed=args.seed, max_steps=args.max_steps,
-                                            frames_for=want_frames, progress=args.progress)
+    if workers > 1:
+        del agent
+        results, trajectories, frames = parallel_rollout(
+            RolloutSpec(**{**spec.__dict__, "env_args": env_args}), args.episodes, workers, seed=args.seed,
+            max_steps=args.max_steps, frames_for=want_frames, progress=args.progress)
+        env = make_env(args.env, **env_args)
+    else:
+        env = make_env(args.env, **env_args)
+        results, trajectories, frames = rollout(env, agent, args.episodes, seed=args.seed, max_steps=args.max_steps,
+                                                frames_for=want_frames, progress=args.progress)
     metrics = env.summarize(results, attrs.get("episode_modes"))
     if args.plot:
         if args.env == "multipath":

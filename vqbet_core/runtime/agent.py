@@ -24,6 +24,10 @@ class RuntimeAgent:
         self.needs_goal = self.model.goal_dim > 0
         self.step = 0
 
+    def reseed(self, seed: int) -> None:
+        """Restart the runtime's sampling generator (see :meth:`vqbet_core.agent.TorchAgent.reseed`)."""
+        self.runtime.rng = np.random.default_rng(int(seed))
+
     def reset(self, goal=None) -> None:
         self.runtime.reset(goal)
         self.step = 0
