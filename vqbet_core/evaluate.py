@@ -43,10 +43,15 @@ def rollout(env: SimEnv, agent, episodes: int, seed: int = 0, max_steps: int | N
     """
     from tqdm.auto import tqdm
 
-    results, trajectories, frames = [], [], []
     limit = max_steps or env.max_steps
-    for ep in tqdm(range(episodes), desc="eval", disable=not progress, dynamic_ncols=True):
-        result, traj, ep_frames = run_episode(env, agent, seed + ep, limit, ep < frames_for)
+    episodes_run = (run_episode(env, agent, seed + ep, limit, ep < frames_for) for ep in range(episodes))
+    return _collect(tqdm(episodes_run, total=episodes, desc="eval", disable=not progress, dynamic_ncols=True))
+
+
+def _collect(episodes_run) -> tuple[list[EpisodeResult], list[np.ndarray], list[list[np.ndarray]]]:
+    """:func:`run_episode` outputs in episode order -> (results, trajectories, frames of the episodes that have them)."""
+    results, trajectories, frames = [], [], []
+    for result, traj, ep_frames in episodes_run:
         results.append(result)
         trajectories.append(traj)
         if ep_frames:
@@ -67,6 +72,20 @@ class RolloutSpec:
     temperature: float | None = None
     blend: bool | None = None
     threads: int | None = None  # intra-op threads of torch / onnxruntime in each worker (None: their default)
+
+
+def recorded_dataset_attrs(spec: RolloutSpec) -> dict:
+    """The training dataset's ``.zattrs`` (env args, mode labels) stored with the checkpoint or exported model,
+    read from its metadata alone (no weights loaded)."""
+    if spec.checkpoint:
+        from vqbet_core.train.checkpoint import load_meta
+
+        meta = load_meta(Path(spec.checkpoint))[1]
+    else:
+        from vqbet_core.runtime.spec import load_spec
+
+        meta = load_spec(spec.model, verify_hashes=False).meta
+    return meta.get("dataset_attrs") or {}
 
 
 def make_agent(spec: RolloutSpec, seed: int = 0):
@@ -114,15 +133,9 @@ def parallel_rollout(spec: RolloutSpec, episodes: int, workers: int, seed: int =
 
     ctx = multiprocessing.get_context("spawn")  # simulators and torch threads do not survive a fork
     jobs = [(ep, seed + ep) for ep in range(episodes)]
-    results, trajectories, frames = [], [], []
     with ctx.Pool(workers, initializer=_init_worker, initargs=(spec, max_steps, frames_for)) as pool:
-        for result, traj, ep_frames in tqdm(pool.imap(_worker_episode, jobs), total=episodes, desc="eval",
-                                            disable=not progress, dynamic_ncols=True):
-            results.append(result)
-            trajectories.append(traj)
-            if ep_frames:
-                frames.append(ep_frames)
-    return results, trajectories, frames
+        return _collect(tqdm(pool.imap(_worker_episode, jobs), total=episodes, desc="eval", disable=not progress,
+                             dynamic_ncols=True))
 
 
 def contact_sheet(frames: list[np.ndarray], out_png: str | Path, columns: int = 8, rows: int = 4) -> Path:

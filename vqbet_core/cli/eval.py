@@ -45,12 +45,13 @@ def parse_env_args(items: list[str]) -> dict:
 
 def run(args) -> int:
     import os
+    from dataclasses import replace
 
     import torch
 
     from vqbet_core.errors import VqbetError
     from vqbet_core.evaluate import (RolloutSpec, contact_sheet, make_agent, parallel_rollout, plot_mode_frequencies,
-                                     rollout, write_video)
+                                     recorded_dataset_attrs, rollout, write_video)
     from vqbet_core.sim import make_env
 
     if args.workers < 1:
@@ -61,18 +62,17 @@ def run(args) -> int:
     spec = RolloutSpec(env=args.env, env_args={}, checkpoint=args.checkpoint, model=args.model, device=args.device,
                        temperature=args.temperature, blend=None if args.blend is None else args.blend == "average",
                        threads=None if workers == 1 else max(1, (os.cpu_count() or 1) // workers))
-    agent = make_agent(spec, seed=args.seed)
-    attrs = (agent.meta if args.checkpoint else agent.model.meta).get("dataset_attrs", {})
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    attrs = recorded_dataset_attrs(spec)
     env_args = {**(attrs.get("env_args") or {}), **parse_env_args(args.env_arg)}
     want_frames = 1 if (args.video or args.contact_sheet) else 0
-    if workers > 1:
-        del agent
+    if workers > 1:  # each worker builds its own agent and env
         results, trajectories, frames = parallel_rollout(
-            RolloutSpec(**{**spec.__dict__, "env_args": env_args}), args.episodes, workers, seed=args.seed,
-            max_steps=args.max_steps, frames_for=want_frames, progress=args.progress)
+            replace(spec, env_args=env_args), args.episodes, workers, seed=args.seed, max_steps=args.max_steps,
+            frames_for=want_frames, progress=args.progress)
         env = make_env(args.env, **env_args)
     else:
+        agent = make_agent(spec, seed=args.seed)
+        torch.set_num_threads(max(1, torch.get_num_threads()))
         env = make_env(args.env, **env_args)
         results, trajectories, frames = rollout(env, agent, args.episodes, seed=args.seed, max_steps=args.max_steps,
                                                 frames_for=want_frames, progress=args.progress)
