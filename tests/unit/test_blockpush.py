@@ -96,28 +96,6 @@ def test_expert_succeeds_and_label_matches_its_mode(env, seed):
     assert result.info["first_touched"] == first_block
 
 
-def test_expert_brakes_as_the_block_nears_its_target(env):
-    """Push speed falls with the block's distance to its target, so a policy can learn when to stop."""
-    obs = env.reset(seed=3)
-    expert = env.make_expert()
-    expert.reset(env, np.random.default_rng([3, 1]))
-    far, near = [], []
-    for _ in range(env.max_steps):
-        a = expert.act(obs)
-        if expert.phase == "push" and expert.job < 2 and expert.retreat_steps == 0:
-            b, t = expert.jobs[expert.job]
-            s = obs["state"]
-            block = s[0:2] if b == 0 else s[3:5]
-            dist = float(np.linalg.norm(block - s[[10, 13][t]:[10, 13][t] + 2]))
-            (far if dist > 0.1 else near if dist < 0.03 else []).append(float(np.linalg.norm(a)))
-        obs, done = env.step(a)
-        if done:
-            break
-    assert env.result().success
-    assert len(far) >= 5 and len(near) >= 2, (len(far), len(near))
-    assert np.mean(near) < 0.5 * np.mean(far), (np.mean(near), np.mean(far))
-
-
 def test_expert_picks_all_four_modes_evenly(env):
     env.reset(seed=0)
     expert = env.make_expert()

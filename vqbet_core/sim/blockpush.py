@@ -357,12 +357,7 @@ class BlockPushExpert(Expert):
     little action noise make demonstrations differ within a mode.
     """
 
-    PLACE_TOL = 0.01  # push until the block centre is this close to the target (env counts 0.05)
-    # Push speed falls in proportion to the block's distance from the target over the last ~7 cm (at most
-    # ``push_speed``, at least ``MIN_PUSH``): braking spread over several steps is something a policy can learn
-    # from the state; an abrupt stop at one distance was not (policies pushed placed blocks on through the target).
-    BRAKE_GAIN = 0.3
-    MIN_PUSH = 0.004
+    PLACE_TOL = 0.02  # push until the block centre is this close to the target (env counts 0.05)
 
     def __init__(self, absolute: bool = False):
         self.absolute = bool(absolute)  # act() returns the absolute effector target instead of the displacement
@@ -490,7 +485,7 @@ class BlockPushExpert(Expert):
                 step = min(self.speed, float(np.linalg.norm(pre - eff)))
                 return self._noisy(direction * step)
         dist = float(np.linalg.norm(targets[t] - block)) if np.array_equal(goal, targets[t]) else 0.1
-        v = float(np.clip(self.BRAKE_GAIN * dist, self.MIN_PUSH, self.push_speed))
+        v = float(np.clip(0.8 * dist, 0.006, self.push_speed))
         perp = np.array([-d[1], d[0]])
         action = d * v - perp * float(np.clip(lateral, -0.01, 0.01)) * 0.8
         return self._noisy(action)
