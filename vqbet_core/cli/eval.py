@@ -52,7 +52,7 @@ def run(args) -> int:
     from vqbet_core.errors import VqbetError
     from vqbet_core.evaluate import (RolloutSpec, contact_sheet, make_agent, parallel_rollout, plot_mode_frequencies,
                                      recorded_dataset_attrs, rollout, write_video)
-    from vqbet_core.sim import make_env
+    from vqbet_core.sim import env_class, make_env
 
     if args.workers < 1:
         raise VqbetError(f"--workers {args.workers}: expected a positive number of processes")
@@ -69,19 +69,19 @@ def run(args) -> int:
         results, trajectories, frames = parallel_rollout(
             replace(spec, env_args=env_args), args.episodes, workers, seed=args.seed, max_steps=args.max_steps,
             frames_for=want_frames, progress=args.progress)
-        env = make_env(args.env, **env_args)
+        env = None  # the workers' envs are gone; metrics need only the class, the multipath plot an instance
     else:
         agent = make_agent(spec, seed=args.seed)
         torch.set_num_threads(max(1, torch.get_num_threads()))
         env = make_env(args.env, **env_args)
         results, trajectories, frames = rollout(env, agent, args.episodes, seed=args.seed, max_steps=args.max_steps,
                                                 frames_for=want_frames, progress=args.progress)
-    metrics = env.summarize(results, attrs.get("episode_modes"))
+    metrics = env_class(args.env).summarize(results, attrs.get("episode_modes"))
     if args.plot:
         if args.env == "multipath":
             from vqbet_core.sim.multipath import plot_trajectories
 
-            plot_trajectories(trajectories, [r.mode for r in results], args.plot, env)
+            plot_trajectories(trajectories, [r.mode for r in results], args.plot, env or make_env(args.env, **env_args))
         else:
             freq_key = next((k for k in metrics if k.endswith("_freq") and not k.startswith("demo_")), None)
             if freq_key:
@@ -90,6 +90,7 @@ def run(args) -> int:
         write_video(frames[0], args.video, fps=float(attrs.get("control_hz", 10)))
     if frames and args.contact_sheet:
         contact_sheet(frames[0], args.contact_sheet)
-    env.close()
+    if env is not None:
+        env.close()
     print(json.dumps({"env": args.env, "source": str(Path(args.checkpoint or args.model)), **metrics}))
     return 0

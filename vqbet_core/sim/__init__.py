@@ -15,7 +15,8 @@ ENVS = {
 }
 
 
-def make_env(name: str, **kwargs):
+def env_class(name: str):
+    """The env class ``name`` names, without building a simulator (its static ``summarize`` needs none)."""
     if name not in ENVS:
         raise VqbetError(f"unknown env '{name}' (expected one of: {', '.join(ENVS)})")
     module_name, cls_name = ENVS[name]
@@ -23,4 +24,8 @@ def make_env(name: str, **kwargs):
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
         raise VqbetError(f"env '{name}' needs a package that is not installed: {exc.name} (pip install -e '.[sim]')") from None
-    return getattr(module, cls_name)(**kwargs)
+    return getattr(module, cls_name)
+
+
+def make_env(name: str, **kwargs):
+    return env_class(name)(**kwargs)
