@@ -124,6 +124,7 @@ def test_scripted_teleop_records_an_episode(sim):
     teleop = NodeProcess("scripted_teleop_node", [
         "--params-file", str(BRINGUP_CONFIG / "sim.yaml"), "-p", "recorder:=/recorder_node", "-p", "episodes:=1",
         "-p", "keep_failed:=true", "-p", "exit_when_done:=true",
+        "-p", "min_subscribers:=2",  # the recorder and this test's session: both must see every command
         "-p", f"env_args:='{{action_mode: target, max_steps: {MAX_STEPS}}}'"], sim["env"], tmp / "teleop.log")
     n_results = len(s.results)
     try:

@@ -14,7 +14,7 @@ The env must take joint targets as its action (``action_is_joint_target``, e.g. 
 
 Recording (optional, ``recorder`` parameter set): the node also plays the operator at the recorder's
 buttons. It waits until the recorder is really receiving (its ``~/status`` shows joint states flowing
-and the command publisher is matched: DDS discovery of a just-started recorder takes a second or two),
+and ``min_subscribers`` nodes, default 1, subscribe to its commands: DDS discovery of a just-started recorder takes a second or two),
 then per episode: ``start_episode``, simulator ``~/reset``, teleoperate until ``/sim/episode_result``,
 ``end_episode`` (or ``discard_episode`` for a failed one unless ``keep_failed``) - until ``episodes`` are
 recorded; with ``exit_when_done`` the process then exits (status 0). Starting the recorder *before* the
@@ -103,6 +103,8 @@ def make_node_class():
             p = self.p = self._declare_parameters()
             if p["episodes"] < 0:
                 raise VqbetError(f"parameter episodes must be >= 0 (0 = until stopped), got {p['episodes']}")
+            if p["min_subscribers"] < 1:
+                raise VqbetError(f"parameter min_subscribers must be >= 1 (the recorder), got {p['min_subscribers']}")
             self.env = make_sim_env(p["env"], parse_env_args(p["env_args"]))
             self.driver = ExpertDriver(self.env)
             reliable = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
@@ -144,6 +146,8 @@ def make_node_class():
                 "episodes": declare("episodes", 0, "episodes to record; 0 = until stopped"),
                 "keep_failed": declare("keep_failed", False, "commit episodes the expert failed (default: discard)"),
                 "exit_when_done": declare("exit_when_done", False, "exit once the episodes are recorded"),
+                "min_subscribers": declare("min_subscribers", 1, "start recording once this many nodes subscribe to "
+                                           "command_topic (the recorder, plus any monitor that must see every command)"),
             }
 
         # -------------------------------------------------------------- teleop
@@ -170,7 +174,7 @@ def make_node_class():
             if self.phase != "waiting":
                 return
             if (all(c.service_is_ready() for c in self.services_.values()) and "robot_joint" in self.recorder_streams
-                    and self.command_pub.get_subscription_count() > 0):
+                    and self.command_pub.get_subscription_count() >= self.p["min_subscribers"]):
                 self.get_logger().info("simulator and recorder are up; the recorder receives joint states")
                 self._next_episode()
 
