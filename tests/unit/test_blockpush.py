@@ -8,7 +8,7 @@ pytest.importorskip("pybullet")
 from vqbet_core.errors import VqbetError  # noqa: E402
 from vqbet_core.sim import make_env  # noqa: E402
 from vqbet_core.sim.base import EpisodeResult  # noqa: E402
-from vqbet_core.sim.blockpush import MODES, STATE_LAYOUT, BlockPushEnv  # noqa: E402
+from vqbet_core.sim.blockpush import MODES, RELATIVE_LAYOUT, STATE_LAYOUT, BlockPushEnv  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -131,6 +131,26 @@ def test_bad_constructor_arguments():
         BlockPushEnv(image_size=4)
     with pytest.raises(VqbetError, match="control_hz"):
         BlockPushEnv(control_hz=7)
+    with pytest.raises(VqbetError, match="relative_features"):
+        BlockPushEnv(relative_features="yes")
+
+
+def test_relative_features_append_differences_and_the_expert_still_succeeds(env):
+    rel = BlockPushEnv(relative_features=True)
+    try:
+        result, _, states, _ = run_expert(rel, 3)
+        _, _, plain, _ = run_expert(env, 3)
+        assert result.success
+        n = sum(k for _, k in STATE_LAYOUT)
+        assert states.shape[1] == n + sum(k for _, k in RELATIVE_LAYOUT) == 28
+        np.testing.assert_array_equal(states[:, :n], plain)  # the same world; the extra features only observe it
+        b0, b1, eff, t0, t1 = plain[:, 0:2], plain[:, 3:5], plain[:, 6:8], plain[:, 10:12], plain[:, 13:15]
+        np.testing.assert_allclose(states[:, n:], np.concatenate(
+            [b0 - t0, b0 - t1, b1 - t0, b1 - t1, eff - b0, eff - b1], axis=1), atol=1e-6)
+        names = [name for name, _ in rel.dataset_attrs()["state_layout"]]
+        assert names[-1] == "effector_minus_block1_xy" and len(names) == len(STATE_LAYOUT) + 6
+    finally:
+        rel.close()
 
 
 def test_summarize_on_hand_made_results():

@@ -47,6 +47,11 @@ STATE_LAYOUT = [
     ("effector_xy", 2), ("effector_target_xy", 2),
     ("target0_xy", 2), ("target0_yaw", 1), ("target1_xy", 2), ("target1_yaw", 1),
 ]
+# ``relative_features=True`` appends these (the same quantities, as differences the policy need not learn to form)
+RELATIVE_LAYOUT = [
+    ("block0_minus_target0_xy", 2), ("block0_minus_target1_xy", 2), ("block1_minus_target0_xy", 2),
+    ("block1_minus_target1_xy", 2), ("effector_minus_block0_xy", 2), ("effector_minus_block1_xy", 2),
+]
 
 
 def _wrap_cube_yaw(yaw: float) -> float:
@@ -61,7 +66,8 @@ class BlockPushEnv(SimEnv):
     joint_names = JOINT_NAMES
 
     def __init__(self, image_size: int | None = None, max_steps: int = 350, control_hz: float = 10.0,
-                 goal_tolerance: float = 0.05, render_size: int = 256, action_mode: str = "delta"):
+                 goal_tolerance: float = 0.05, render_size: int = 256, action_mode: str = "delta",
+                 relative_features: bool = False):
         if action_mode not in ACTION_MODES:
             raise VqbetError(f"blockpush action_mode={action_mode!r}: expected one of {list(ACTION_MODES)}")
         if image_size is not None and (not isinstance(image_size, (int, np.integer)) or image_size < 16):
@@ -72,6 +78,8 @@ class BlockPushEnv(SimEnv):
             raise VqbetError(f"blockpush control_hz={control_hz!r}: expected a positive divisor of {SIM_HZ}")
         if not 0 < goal_tolerance < 0.2:
             raise VqbetError(f"blockpush goal_tolerance={goal_tolerance!r}: expected metres in (0, 0.2)")
+        if not isinstance(relative_features, (bool, np.bool_)):
+            raise VqbetError(f"blockpush relative_features={relative_features!r}: expected true or false")
         import pybullet
         from pybullet_utils import bullet_client
 
@@ -85,6 +93,7 @@ class BlockPushEnv(SimEnv):
         self.substeps = int(SIM_HZ // control_hz)
         self.action_mode = action_mode
         self.action_is_joint_target = action_mode == "target"
+        self.relative_features = bool(relative_features)
         self._rng = np.random.default_rng()
         self._t = 0
         self._ids: dict = {}
@@ -111,7 +120,7 @@ class BlockPushEnv(SimEnv):
             "source": "sim:blockpush",
             "control_hz": self.control_hz,
             "obs_keys": self.obs_keys,
-            "state_layout": [[name, size] for name, size in STATE_LAYOUT],
+            "state_layout": [[name, size] for name, size in STATE_LAYOUT + (RELATIVE_LAYOUT if self.relative_features else [])],
             "action_meaning": ("absolute effector target (x, y) in metres = joint targets (pusher_x, pusher_y)"
                                if self.action_is_joint_target else "effector target displacement (dx, dy) in metres per step"),
             "action_mode": self.action_mode,
@@ -271,6 +280,9 @@ class BlockPushEnv(SimEnv):
         bxy, byaw = self.blocks_xy(), self.blocks_yaw()
         parts = [bxy[0], [_wrap_cube_yaw(byaw[0])], bxy[1], [_wrap_cube_yaw(byaw[1])], self.effector_xy(),
                  self.effector_target, self.targets_xy[0], [self.targets_yaw[0]], self.targets_xy[1], [self.targets_yaw[1]]]
+        if self.relative_features:
+            eff = parts[4]
+            parts += [bxy[i] - self.targets_xy[j] for i in range(2) for j in range(2)] + [eff - bxy[0], eff - bxy[1]]
         return np.concatenate([np.asarray(p, dtype=np.float64) for p in parts]).astype(np.float32)
 
     def _obs(self) -> dict:
