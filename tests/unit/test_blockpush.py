@@ -181,3 +181,11 @@ def test_expert_success_rate_and_mode_balance(env):
     print("blockpush expert:", m)
     assert m["P2"] >= 0.9
     assert all(0.15 <= m["mode_freq"][k] <= 0.35 for k in MODES)
+
+
+def test_connecting_keeps_stdout_clean(capfd):
+    """``vqbet eval`` / ``sim-demos`` print one JSON line on stdout: pybullet's C-level chatter goes to stderr."""
+    capfd.readouterr()
+    BlockPushEnv().close()
+    out, err = capfd.readouterr()
+    assert out == "" and "argv[0]" in err

@@ -23,7 +23,10 @@ node and ``sim_robot_node`` unchanged.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
+import sys
 
 import numpy as np
 
@@ -52,6 +55,19 @@ RELATIVE_LAYOUT = [
     ("block0_minus_target0_xy", 2), ("block0_minus_target1_xy", 2), ("block1_minus_target0_xy", 2),
     ("block1_minus_target1_xy", 2), ("effector_minus_block0_xy", 2), ("effector_minus_block1_xy", 2),
 ]
+
+
+@contextlib.contextmanager
+def _c_stdout_to_stderr():
+    """Send what C libraries write to file descriptor 1 to stderr meanwhile (Python's ``sys.stdout`` is untouched)."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        os.dup2(2, 1)
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def _wrap_cube_yaw(yaw: float) -> float:
@@ -84,7 +100,8 @@ class BlockPushEnv(SimEnv):
         from pybullet_utils import bullet_client
 
         self._pb_module = pybullet
-        self.client = bullet_client.BulletClient(connection_mode=pybullet.DIRECT)
+        with _c_stdout_to_stderr():  # pybullet's C code prints "argv[0]=" on connect; stdout carries JSON results
+            self.client = bullet_client.BulletClient(connection_mode=pybullet.DIRECT)
         self.image_size = None if image_size is None else int(image_size)
         self.render_size = int(render_size)
         self._max_steps = int(max_steps)
