@@ -137,7 +137,8 @@ class BlockPushEnv(SimEnv):
             "source": "sim:blockpush",
             "control_hz": self.control_hz,
             "obs_keys": self.obs_keys,
-            "state_layout": [[name, size] for name, size in STATE_LAYOUT + (RELATIVE_LAYOUT if self.relative_features else [])],
+            "state_layout": [[name, size] for name, size in
+                             STATE_LAYOUT + (RELATIVE_LAYOUT if self.relative_features else [])],
             "action_meaning": ("absolute effector target (x, y) in metres = joint targets (pusher_x, pusher_y)"
                                if self.action_is_joint_target else "effector target displacement (dx, dy) in metres per step"),
             "action_mode": self.action_mode,

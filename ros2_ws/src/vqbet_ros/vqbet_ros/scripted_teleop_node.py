@@ -14,7 +14,8 @@ The env must take joint targets as its action (``action_is_joint_target``, e.g. 
 
 Recording (optional, ``recorder`` parameter set): the node also plays the operator at the recorder's
 buttons. It waits until the recorder is really receiving (its ``~/status`` shows joint states flowing
-and ``min_subscribers`` nodes, default 1, subscribe to its commands: DDS discovery of a just-started recorder takes a second or two),
+and ``min_subscribers`` nodes, default 1, subscribe to its commands: DDS discovery of a just-started
+recorder takes a second or two),
 then per episode: ``start_episode``, simulator ``~/reset``, teleoperate until ``/sim/episode_result``,
 ``end_episode`` (or ``discard_episode`` for a failed one unless ``keep_failed``) - until ``episodes`` are
 recorded; with ``exit_when_done`` the process then exits (status 0). Starting the recorder *before* the
