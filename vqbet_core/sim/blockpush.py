@@ -295,11 +295,10 @@ class BlockPushEnv(SimEnv):
         return np.array(self.client.getBasePositionAndOrientation(self._ids["pusher"])[0][:2])
 
     def _state(self) -> np.ndarray:
-        bxy, byaw = self.blocks_xy(), self.blocks_yaw()
-        parts = [bxy[0], [_wrap_cube_yaw(byaw[0])], bxy[1], [_wrap_cube_yaw(byaw[1])], self.effector_xy(),
+        bxy, byaw, eff = self.blocks_xy(), self.blocks_yaw(), self.effector_xy()
+        parts = [bxy[0], [_wrap_cube_yaw(byaw[0])], bxy[1], [_wrap_cube_yaw(byaw[1])], eff,
                  self.effector_target, self.targets_xy[0], [self.targets_yaw[0]], self.targets_xy[1], [self.targets_yaw[1]]]
-        if self.relative_features:
-            eff = parts[4]
+        if self.relative_features:  # in RELATIVE_LAYOUT's order
             parts += [bxy[i] - self.targets_xy[j] for i in range(2) for j in range(2)] + [eff - bxy[0], eff - bxy[1]]
         return np.concatenate([np.asarray(p, dtype=np.float64) for p in parts]).astype(np.float32)
 
