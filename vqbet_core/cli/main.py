@@ -16,6 +16,8 @@ SUBCOMMANDS = {
     "sim-demos": ("vqbet_core.cli.sim_demos", "scripted multimodal experts -> zarr dataset"),
     "train": ("vqbet_core.cli.train", "train VQ-BeT or BeT: phase 1 (tokenizer) then phase 2 (GPT); resumable"),
     "eval": ("vqbet_core.cli.eval", "roll out a checkpoint or exported model in simulation; prints one JSON line"),
+    "pretrain-encoder": ("vqbet_core.cli.pretrain_encoder",
+                         "ResNet-18 weights from a simulator's labelled frames (no ImageNet download needed)"),
     "export": ("vqbet_core.cli.export", "export a checkpoint to ONNX + model.yaml + card.md; reports parity"),
     "bag2zarr": ("vqbet_core.cli.bag2zarr", "convert ROS 2 bags (.db3 / .mcap) to a zarr dataset, no ROS needed"),
     "inspect": ("vqbet_core.cli.inspect", "episodes, lengths, keys and statistics of a zarr dataset"),

@@ -106,6 +106,20 @@ class SimEnv(ABC):
         raise NotImplementedError(f"env '{self.name}' cannot be stepped from joint targets")
 
 
+    # ------------------------------------------------------------------ encoder pretraining protocol (optional)
+    # Lets ``vqbet_core.vision.pretrain`` make ResNet-18 weights on a machine that cannot download
+    # ImageNet's: frames from random states, labelled with what the simulator knows (object poses).
+    pretrain_label_names: list[str] = []  # empty = this env cannot label frames for encoder pretraining
+
+    def pretrain_labels(self) -> np.ndarray:
+        """The true scene state behind the current frame, scaled to about [-1, 1] (``pretrain_label_names`` order)."""
+        raise NotImplementedError(f"env '{self.name}' has no pretraining labels")
+
+    def random_action(self, rng: np.random.Generator) -> np.ndarray:
+        """An action that moves the scene somewhere plausible, for varied pretraining frames."""
+        raise NotImplementedError(f"env '{self.name}' has no random action")
+
+
 def mode_frequencies(modes: list[str | None], keys: list[str] | None = None) -> dict[str, float]:
     """Fraction of each mode label (keys sorted; ``None`` counted as ``"none"``)."""
     labels = ["none" if m is None else m for m in modes]

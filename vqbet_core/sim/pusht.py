@@ -146,6 +146,19 @@ class PushTImageEnv(SimEnv):
                 "block_pos": np.array(e.block.position), "block_angle": float(e.block.angle),
                 "block_vel": np.array(e.block.velocity), "block_angvel": float(e.block.angular_velocity)}
 
+    # ------------------------------------------------------------------ encoder pretraining (see SimEnv)
+    pretrain_label_names = ["agent_x", "agent_y", "block_x", "block_y", "block_cos", "block_sin"]
+
+    def pretrain_labels(self) -> np.ndarray:
+        """Agent and T positions (arena pixels / 256 - 1) and the T's angle as (cos, sin)."""
+        e = self._env
+        xy = np.array([*e.agent.position, *e.block.position], dtype=np.float64) / 256.0 - 1.0
+        angle = float(e.block.angle)
+        return np.array([*xy, math.cos(angle), math.sin(angle)], dtype=np.float32)
+
+    def random_action(self, rng: np.random.Generator) -> np.ndarray:
+        return rng.uniform(ARENA[0], ARENA[1], size=2)
+
     @property
     def goal_pose(self) -> np.ndarray:
         return np.array(self._env.goal_pose, dtype=np.float64)
