@@ -105,7 +105,6 @@ class SimEnv(ABC):
             return self.step(targets)
         raise NotImplementedError(f"env '{self.name}' cannot be stepped from joint targets")
 
-
     # ------------------------------------------------------------------ encoder pretraining protocol (optional)
     # Lets ``vqbet_core.vision.pretrain`` make ResNet-18 weights on a machine that cannot download
     # ImageNet's: frames from random states, labelled with what the simulator knows (object poses).
