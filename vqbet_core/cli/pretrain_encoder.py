@@ -30,7 +30,7 @@ def run(args) -> int:
     from vqbet_core.cli.sim_demos import _make_env, parse_env_args
     from vqbet_core.errors import VqbetError
     from vqbet_core.vision.encoder import save_encoder_weights
-    from vqbet_core.vision.pretrain import check_pretrainable, collect_frames, pretrain_encoder
+    from vqbet_core.vision.pretrain import collect_frames, pretrain_encoder
 
     out = Path(args.out)
     if out.suffix != ".safetensors":
@@ -41,11 +41,10 @@ def run(args) -> int:
     env_args = parse_env_args(args.env_arg)
     env = _make_env(args.env, env_args)
     try:
-        check_pretrainable(env)
-        label_names = list(env.pretrain_label_names)
         t0 = time.perf_counter()
-        images, labels = collect_frames(env, args.frames, seed=args.seed,
+        images, labels = collect_frames(env, args.frames, seed=args.seed,  # checks the env can label frames
                                         progress=None if args.no_progress else f"frames {args.env}")
+        label_names = list(env.pretrain_label_names)
         t_frames = time.perf_counter() - t0
     finally:
         env.close()
