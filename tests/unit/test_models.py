@@ -318,7 +318,7 @@ def test_vqbet_policy_loss_matches_hand_computation_from_heads():
     assert float(loss.detach()) == pytest.approx(float(5.0 * primary + 0.5 * secondary + 100.0 * offset), rel=1e-5)
 
 
-@pytest.mark.parametrize("offset_codes", ["sampled", "true", "true_primary"])
+@pytest.mark.parametrize("offset_codes", ["sampled", "true", "true_primary", "both"])
 def test_vqbet_phase2_overfits_small_multimodal_set(offset_codes):
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(0)
@@ -356,9 +356,9 @@ def test_vqbet_phase2_overfits_small_multimodal_set(offset_codes):
 def test_offsets_on_sampled_codes_average_ambiguous_modes_true_codes_keep_them():
     """One observation, four modes: the offset head trained on *sampled* codes (the official loss) learns
     to pull every code towards the middle of the modes; trained on the *true* codes (or the true primary
-    with a sampled secondary) it keeps them."""
+    with a sampled secondary, or on true and sampled codes together) it keeps them."""
     spread = {}
-    for offset_codes in ("sampled", "true", "true_primary"):
+    for offset_codes in ("sampled", "true", "true_primary", "both"):
         torch.manual_seed(0)
         gen = torch.Generator().manual_seed(0)
         policy = build_policy(tiny_cfg(policy="vqbet", vq={"n_codes": 4}, loss={"offset_codes": offset_codes}), OBS, ACT)
@@ -384,6 +384,9 @@ def test_offsets_on_sampled_codes_average_ambiguous_modes_true_codes_keep_them()
     assert spread["true"][0] < 0.1 and spread["true"][1] == 4
     assert spread["true_primary"][0] < 0.1 and spread["true_primary"][1] == 4
     assert spread["sampled"][0] > 0.5
+    # the mean of both losses keeps the modes: per dimension the L1 optimum is the median of the targets, and the
+    # true code's own action carries more than half of their weight
+    assert spread["both"][0] < 0.15 and spread["both"][1] == 4
 
 
 # ---------------------------------------------------------------- bad input

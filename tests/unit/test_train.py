@@ -98,6 +98,42 @@ def test_resume_refuses_a_different_model_config(tmp_path, data):
     Trainer(other, data, run, fresh=True, progress=False).run()  # --fresh starts over
 
 
+def test_init_from_reuses_tokenizer_and_gpt_and_trains_only_the_offsets(tmp_path, data):
+    """``--init-from`` with ``offset_only_after=0``: another offset loss on a finished run's tokenizer + GPT."""
+    src = tmp_path / "src"
+    Trainer(tiny_cfg(), data, src, progress=False).run()
+    before = load_file(str(src / "checkpoint" / "model.safetensors"))
+    cfg = tiny_cfg(phase2_steps=15, offset_only_after=0.0)
+    cfg["loss"]["offset_codes"] = "both"
+    meta = Trainer(cfg, data, tmp_path / "ft", progress=False, init_from=src).run()
+    assert meta["phase1_step"] == 20 and meta["phase2_step"] == 15 and meta["init_from"] == str(src.resolve())
+    after = load_file(str(tmp_path / "ft" / "checkpoint" / "model.safetensors"))
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith("offset_head") for k in changed), changed
+    src_norm = load_file(str(src / "checkpoint" / "normalizer.safetensors"))
+    ft_norm = load_file(str(tmp_path / "ft" / "checkpoint" / "normalizer.safetensors"))
+    assert all(torch.equal(src_norm[k], ft_norm[k]) for k in src_norm)
+    phase1 = [json.loads(l) for l in (tmp_path / "ft" / "metrics.jsonl").read_text().splitlines() if json.loads(l)["phase"] == 1]
+    assert not any("loss" in r for r in phase1)  # the tokenizer was not trained again
+
+
+def test_init_from_bad_sources_are_one_line_errors(tmp_path, data, capsys):
+    with pytest.raises(CheckpointError, match="not a run folder"):
+        Trainer(tiny_cfg(), data, tmp_path / "ft", progress=False, init_from=tmp_path / "nothing")
+    src = tmp_path / "src"
+    Trainer(tiny_cfg(), data, src, progress=False).run()
+    with pytest.raises(CheckpointError, match="'vqbet' run"):
+        Trainer(tiny_cfg("bet"), data, tmp_path / "ft", progress=False, init_from=src)
+    wider = tiny_cfg()
+    wider["gpt"]["n_embd"] = 64
+    with pytest.raises(CheckpointError, match="do not fit"):
+        Trainer(wider, data, tmp_path / "ft2", progress=False, init_from=src)
+    assert vqbet(["train", "--config", "multipath", "--data", str(data), "--out", str(tmp_path / "r"),
+                  "--init-from", str(tmp_path / "nothing")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--init-from" in err[0]
+
+
 def test_agent_from_checkpoint_is_deterministic_under_seed(tmp_path, data):
     from vqbet_core.agent import TorchAgent
 

@@ -11,6 +11,9 @@ def add_arguments(p) -> None:
     p.add_argument("--out", required=True, help="run folder: checkpoints, metrics.jsonl, loss.png")
     p.add_argument("--phase", choices=["all", "1", "2"], default="all", help="train both phases (default) or one")
     p.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint in --out and start over")
+    p.add_argument("--init-from", default=None, metavar="RUN",
+                   help="start phase 2 from RUN's tokenizer, GPT, heads and normalizer (same architecture); "
+                        "with --set train.offset_only_after=0 only the offset head trains")
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:N | auto (default: config train.device)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set train.phase2_steps=2000 (repeatable)")
@@ -36,7 +39,7 @@ def run(args) -> int:
     from vqbet_core.train.trainer import Trainer
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    trainer = Trainer(cfg, args.data, args.out, fresh=args.fresh, progress=not args.no_progress)
+    trainer = Trainer(cfg, args.data, args.out, fresh=args.fresh, progress=not args.no_progress, init_from=args.init_from)
     meta = trainer.run(args.phase)
     if trainer.is_main:
         print(json.dumps({"run": str(args.out), "policy": cfg["policy"], "phase1_step": meta["phase1_step"],

@@ -13,10 +13,13 @@ inside it; ``logits[:, 1]`` holds the marginal ``log sum_p P(p) P(s | p)`` for n
 ``loss.offset_codes`` chooses which codes the offset loss decodes: ``"sampled"`` (the official code:
 codes sampled from the predicted logits, so offsets learn to correct the policy's own code choices),
 ``"true"`` (the tokenizer's codes of the target chunk, as BeT trains its bin offsets) or ``"true_primary"``
-(the true primary code, the secondary sampled given it). Why not always "sampled": where the observation
-does not tell the mode, an L1 loss on sampled codes pulls every code's offset towards the median of the
-modes - the majority mode - so a sampled minority code decodes into a majority action (measured at the
-multipath fork: minority-route codes at 0.40 probability gave minority-route chunks 0.10 of the time).
+(the true primary code, the secondary sampled given it) or ``"both"`` (the mean of the "true" and "sampled"
+losses). Why not always "sampled": where the observation does not tell the mode, an L1 loss on sampled codes
+pulls every code's offset towards the median of the modes - the majority mode - so a sampled minority code
+decodes into a majority action (measured at the multipath fork: minority-route codes at 0.40 probability gave
+minority-route chunks 0.10 of the time). Why not always "true": a code the policy samples where it was never
+the true one (a neighbour at a code boundary) gets an offset nothing trained, and decodes into a jerk. "both"
+trains every sampled code to land on the demonstrated action while keeping each true code's own offset.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from vqbet_core.models.gpt import GPT
 from vqbet_core.models.losses import focal_loss
 from vqbet_core.models.rvq import ResidualVQTokenizer
 
-OFFSET_CODES = ("sampled", "true", "true_primary")
+OFFSET_CODES = ("sampled", "true", "true_primary", "both")
 
 
 def head_mlp(in_dim: int, hidden: int, out_dim: int) -> nn.Sequential:
@@ -191,11 +194,13 @@ class VQBeTPolicy(Policy):
                           if self.n_layers > 1 else torch.zeros((), device=feats.device))
         offsets = self._offsets(feats)
         if self.offset_codes == "true":
-            codes = true
+            offset_loss = F.l1_loss(self._decode(offsets, true), chunks)
         else:
             given = true[:, 0] if self.offset_codes == "true_primary" else None
-            codes = self._choose(feats, logits, sample=True, primary=given)
-        offset_loss = F.l1_loss(self._decode(offsets, codes), chunks)
+            sampled = self._choose(feats, logits, sample=True, primary=given)
+            offset_loss = F.l1_loss(self._decode(offsets, sampled), chunks)
+            if self.offset_codes == "both":
+                offset_loss = 0.5 * (offset_loss + F.l1_loss(self._decode(offsets, true), chunks))
         loss = float(w["primary"]) * primary_loss + float(w["secondary"]) * secondary_loss + float(w["offset"]) * offset_loss
         with torch.no_grad():
             best = self._choose(feats, logits, sample=False)

@@ -91,7 +91,7 @@ def _same_model_config(a: dict, b: dict) -> bool:
 
 class Trainer:
     def __init__(self, cfg: dict, data_path: str | Path, run_dir: str | Path, fresh: bool = False,
-                 progress: bool = True, cache_dir: str | Path | None = None):
+                 progress: bool = True, cache_dir: str | Path | None = None, init_from: str | Path | None = None):
         from vqbet_core.models import build_policy
 
         self.cfg = cfg
@@ -115,6 +115,7 @@ class Trainer:
         self.meta = {"phase1_step": 0, "phase2_step": 0}
         normalizer = None
         resume_state = None
+        weights_dir = self.run_dir  # where the starting weights come from (the run itself, or --init-from)
         if checkpoint_exists(self.run_dir) and not fresh:
             old_cfg, old_meta = load_meta(self.run_dir)
             if not _same_model_config(old_cfg, cfg):
@@ -124,24 +125,32 @@ class Trainer:
             normalizer = Normalizer.from_flat({k: v.numpy() for k, v in load_tensors(self.run_dir / CKPT / "normalizer.safetensors").items()})
             self.meta.update(old_meta)
             resume_state = load_tensors(self.run_dir / CKPT / "model.safetensors", self.device)
-        elif self.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "metrics.jsonl").unlink(missing_ok=True)
+        else:
+            if init_from is not None:
+                weights_dir = Path(init_from)
+                normalizer, resume_state = self._init_from(weights_dir)
+            if self.is_main:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+                (self.run_dir / "metrics.jsonl").unlink(missing_ok=True)
 
         self.encoder = None
         if cfg["data"]["image_keys"]:
             from vqbet_core.vision.encoder import build_encoder
 
             enc_cfg = dict(cfg["vision"])
-            if resume_state is not None and (self.run_dir / CKPT / "encoder.safetensors").exists():
-                enc_cfg["weights"] = str(self.run_dir / CKPT / "encoder.safetensors")
+            if resume_state is not None and (weights_dir / CKPT / "encoder.safetensors").exists():
+                enc_cfg["weights"] = str(weights_dir / CKPT / "encoder.safetensors")
             self.encoder = build_encoder(enc_cfg).to(self.device).eval()
         self.data = TrainingData(cfg, data_path, self.device, cache_dir=cache_dir, normalizer=normalizer, encoder=self.encoder)
         if resume_state is not None and self.meta.get("data_hash") not in (None, self.data.data_hash):
             raise CheckpointError(f"{self.run_dir}: was trained on other data (hash {self.meta['data_hash']}, now {self.data.data_hash}); use --fresh")
         self.policy = build_policy(cfg, self.data.obs_dim, self.data.action_dim, self.data.goal_dim).to(self.device)
         if resume_state is not None:
-            self.policy.load_state_dict(resume_state)
+            try:
+                self.policy.load_state_dict(resume_state)
+            except RuntimeError as exc:
+                raise CheckpointError(f"{weights_dir}: its weights do not fit this config and data "
+                                      f"({str(exc).splitlines()[0]})") from None
         self.meta.update({
             "kind": cfg["policy"], "obs_dim": self.data.obs_dim, "action_dim": self.data.action_dim,
             "goal_dim": self.data.goal_dim, "obs_keys": list(cfg["data"]["obs_keys"]),
@@ -157,6 +166,27 @@ class Trainer:
         self._opt_state = self._load_optimizer_state() if resume_state is not None else None
 
     # ------------------------------------------------------------------ helpers
+    def _init_from(self, source: Path):
+        """Start phase 2 from another run's weights (tokenizer, GPT, heads) and normalizer.
+
+        Why: a finished run's tokenizer and GPT can be reused to try another offset loss or more phase-2
+        training without redoing them; ``--set train.offset_only_after=0`` then trains only the offset head.
+        The data is not required to be the source's (fine-tuning on more demonstrations), but the
+        normalizer stays the source's, since the weights were trained on its scale.
+        """
+        from vqbet_core.data.normalize import Normalizer
+
+        if not checkpoint_exists(source):
+            raise CheckpointError(f"--init-from {source}: not a run folder with a checkpoint (expected {source}/{CKPT}/meta.yaml)")
+        src_cfg, src_meta = load_meta(source)
+        if src_cfg.get("policy") != self.cfg["policy"]:
+            raise CheckpointError(f"--init-from {source}: a {src_cfg.get('policy')!r} run, this config trains {self.cfg['policy']!r}")
+        if src_meta.get("phase1_step", 0) < int(src_cfg["train"]["phase1_steps"]):
+            raise CheckpointError(f"--init-from {source}: its phase 1 (tokenizer) has not finished")
+        self.meta.update({"phase1_step": int(self.tcfg["phase1_steps"]), "phase2_step": 0, "init_from": str(source.resolve())})
+        normalizer = Normalizer.from_flat({k: v.numpy() for k, v in load_tensors(source / CKPT / "normalizer.safetensors").items()})
+        return normalizer, load_tensors(source / CKPT / "model.safetensors", self.device)
+
     def _load_optimizer_state(self):
         ck = self.run_dir / CKPT
         if not (ck / "optimizer.yaml").exists():
