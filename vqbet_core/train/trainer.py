@@ -163,7 +163,8 @@ class Trainer:
                                        "env", "env_args", "goal_vectors")},
         })
         self.log = MetricsLog(self.run_dir, self.is_main)
-        self._opt_state = self._load_optimizer_state() if resume_state is not None else None
+        resuming = resume_state is not None and weights_dir == self.run_dir
+        self._opt_state = self._load_optimizer_state() if resuming else None  # --init-from: a fresh optimizer
 
     # ------------------------------------------------------------------ helpers
     def _init_from(self, source: Path):
