@@ -8,7 +8,7 @@ pytest.importorskip("pybullet")
 from vqbet_core.errors import VqbetError  # noqa: E402
 from vqbet_core.sim import make_env  # noqa: E402
 from vqbet_core.sim.base import EpisodeResult  # noqa: E402
-from vqbet_core.sim.blockpush import MODES, RELATIVE_LAYOUT, STATE_LAYOUT, BlockPushEnv  # noqa: E402
+from vqbet_core.sim.blockpush import MAX_STEP, MODES, RELATIVE_LAYOUT, STATE_LAYOUT, BlockPushEnv  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -133,6 +133,8 @@ def test_bad_constructor_arguments():
         BlockPushEnv(control_hz=7)
     with pytest.raises(VqbetError, match="relative_features"):
         BlockPushEnv(relative_features="yes")
+    with pytest.raises(VqbetError, match="effector_target_in_state"):
+        BlockPushEnv(effector_target_in_state="no")
 
 
 def test_relative_features_append_differences_and_the_expert_still_succeeds(env):
@@ -151,6 +153,26 @@ def test_relative_features_append_differences_and_the_expert_still_succeeds(env)
         assert names[-1] == "effector_minus_block1_xy" and len(names) == len(STATE_LAYOUT) + 6
     finally:
         rel.close()
+
+
+@pytest.mark.parametrize("action_mode", ["delta", "target"])
+def test_state_without_the_effector_target_same_world_and_the_expert_still_succeeds(action_mode):
+    """The commanded target is (nearly) the last action: without it a policy cannot copy its previous step."""
+    lean, full = (BlockPushEnv(effector_target_in_state=False, action_mode=action_mode),
+                  BlockPushEnv(action_mode=action_mode))
+    try:
+        result, _, states, actions = run_expert(lean, 3)
+        full_result, _, plain, plain_actions = run_expert(full, 3)
+        assert result.success and full_result.success
+        assert states.shape[1] == 14 and "effector_target_xy" not in [n for n, _ in lean.dataset_attrs()["state_layout"]]
+        if action_mode == "delta":  # the same episode, two dims fewer
+            np.testing.assert_array_equal(states, np.delete(plain, [8, 9], axis=1))
+            np.testing.assert_array_equal(actions, plain_actions)
+        else:  # the expert tracks its own commanded target: a target within one step of the pusher, every step
+            assert np.all(np.linalg.norm(actions - states[1:, 6:8], axis=1) < 2 * MAX_STEP)
+    finally:
+        lean.close()
+        full.close()
 
 
 def test_summarize_on_hand_made_results():

@@ -83,7 +83,7 @@ class BlockPushEnv(SimEnv):
 
     def __init__(self, image_size: int | None = None, max_steps: int = 350, control_hz: float = 10.0,
                  goal_tolerance: float = 0.05, render_size: int = 256, action_mode: str = "delta",
-                 relative_features: bool = False):
+                 relative_features: bool = False, effector_target_in_state: bool = True):
         if action_mode not in ACTION_MODES:
             raise VqbetError(f"blockpush action_mode={action_mode!r}: expected one of {list(ACTION_MODES)}")
         if image_size is not None and (not isinstance(image_size, (int, np.integer)) or image_size < 16):
@@ -96,6 +96,8 @@ class BlockPushEnv(SimEnv):
             raise VqbetError(f"blockpush goal_tolerance={goal_tolerance!r}: expected metres in (0, 0.2)")
         if not isinstance(relative_features, (bool, np.bool_)):
             raise VqbetError(f"blockpush relative_features={relative_features!r}: expected true or false")
+        if not isinstance(effector_target_in_state, (bool, np.bool_)):
+            raise VqbetError(f"blockpush effector_target_in_state={effector_target_in_state!r}: expected true or false")
         import pybullet
         from pybullet_utils import bullet_client
 
@@ -111,6 +113,7 @@ class BlockPushEnv(SimEnv):
         self.action_mode = action_mode
         self.action_is_joint_target = action_mode == "target"
         self.relative_features = bool(relative_features)
+        self.effector_target_in_state = bool(effector_target_in_state)
         self._rng = np.random.default_rng()
         self._t = 0
         self._ids: dict = {}
@@ -137,8 +140,7 @@ class BlockPushEnv(SimEnv):
             "source": "sim:blockpush",
             "control_hz": self.control_hz,
             "obs_keys": self.obs_keys,
-            "state_layout": [[name, size] for name, size in
-                             STATE_LAYOUT + (RELATIVE_LAYOUT if self.relative_features else [])],
+            "state_layout": [[name, size] for name, size in self.state_layout],
             "action_meaning": ("absolute effector target (x, y) in metres = joint targets (pusher_x, pusher_y)"
                                if self.action_is_joint_target else "effector target displacement (dx, dy) in metres per step"),
             "action_mode": self.action_mode,
@@ -152,6 +154,11 @@ class BlockPushEnv(SimEnv):
             attrs["joint_names"] = list(JOINT_NAMES)
             attrs["robot"] = "blockpush_sim"
         return attrs
+
+    @property
+    def state_layout(self) -> list[tuple[str, int]]:
+        layout = [entry for entry in STATE_LAYOUT if self.effector_target_in_state or entry[0] != "effector_target_xy"]
+        return layout + (RELATIVE_LAYOUT if self.relative_features else [])
 
     def make_expert(self) -> "BlockPushExpert":
         return BlockPushExpert(absolute=self.action_is_joint_target)
@@ -296,8 +303,10 @@ class BlockPushEnv(SimEnv):
 
     def _state(self) -> np.ndarray:
         bxy, byaw, eff = self.blocks_xy(), self.blocks_yaw(), self.effector_xy()
-        parts = [bxy[0], [_wrap_cube_yaw(byaw[0])], bxy[1], [_wrap_cube_yaw(byaw[1])], eff,
-                 self.effector_target, self.targets_xy[0], [self.targets_yaw[0]], self.targets_xy[1], [self.targets_yaw[1]]]
+        parts = [bxy[0], [_wrap_cube_yaw(byaw[0])], bxy[1], [_wrap_cube_yaw(byaw[1])], eff]
+        if self.effector_target_in_state:
+            parts.append(self.effector_target)
+        parts += [self.targets_xy[0], [self.targets_yaw[0]], self.targets_xy[1], [self.targets_yaw[1]]]
         if self.relative_features:  # in RELATIVE_LAYOUT's order
             parts += [bxy[i] - self.targets_xy[j] for i in range(2) for j in range(2)] + [eff - bxy[0], eff - bxy[1]]
         return np.concatenate([np.asarray(p, dtype=np.float64) for p in parts]).astype(np.float32)
@@ -395,11 +404,20 @@ class BlockPushExpert(Expert):
         delta = self._act(obs)
         if not self.absolute:
             return delta
-        target = np.asarray(obs["state"], np.float64)[8:10] + delta  # effector_target_xy + displacement
-        return np.clip(target, WORKSPACE[0], WORKSPACE[1]).astype(np.float32)
+        at = self.slices.get("effector_target_xy")
+        # the last commanded target: from the state when it carries it, else the expert's own previous command
+        last = np.asarray(obs["state"], np.float64)[at] if at is not None else self.commanded
+        self.commanded = np.clip(last + delta, WORKSPACE[0], WORKSPACE[1])
+        return self.commanded.astype(np.float32)
 
     def reset(self, env: SimEnv, rng: np.random.Generator) -> None:
         self.rng = rng
+        offsets, start = {}, 0
+        for name, size in env.state_layout:  # where each quantity sits in this env's state vector
+            offsets[name] = slice(start, start + size)
+            start += size
+        self.slices = offsets
+        self.commanded = EFFECTOR_START.copy()
         self.mode_index = int(rng.integers(4))
         first_block = self.mode_index // 2
         first_target = self.mode_index % 2
@@ -415,10 +433,11 @@ class BlockPushExpert(Expert):
         self.sides: dict[int, float] = {}
 
     def _parse(self, s: np.ndarray):
-        blocks = np.array([s[0:2], s[3:5]], dtype=np.float64)
-        yaws = np.array([s[2], s[5]], dtype=np.float64)
-        eff = np.array(s[6:8], dtype=np.float64)
-        targets = np.array([s[10:12], s[13:15]], dtype=np.float64)
+        at = self.slices
+        blocks = np.array([s[at["block0_xy"]], s[at["block1_xy"]]], dtype=np.float64)
+        yaws = np.array([s[at["block0_yaw"]][0], s[at["block1_yaw"]][0]], dtype=np.float64)
+        eff = np.array(s[at["effector_xy"]], dtype=np.float64)
+        targets = np.array([s[at["target0_xy"]], s[at["target1_xy"]]], dtype=np.float64)
         return blocks, yaws, eff, targets
 
     def _navigate(self, eff: np.ndarray, goal: np.ndarray, obstacles: list[np.ndarray], radius: float) -> np.ndarray:
