@@ -68,6 +68,22 @@ def test_reset_and_step_are_deterministic(env):
         other.close()
 
 
+def test_state_without_velocities_is_the_papers_30_dims_of_the_same_world(env):
+    """``state_velocities=False``: robot + object qpos only (the papers' input); the expert acts the same on it."""
+    lean = KitchenEnv(state_velocities=False)
+    try:
+        _, _, full, full_actions = run_expert(env, 3, max_steps=30)
+        _, _, states, actions = run_expert(lean, 3, max_steps=30)
+        assert states.shape == (31, 30) and states.dtype == np.float32
+        np.testing.assert_array_equal(states, np.concatenate([full[:, :9], full[:, 18:39]], axis=1))
+        np.testing.assert_array_equal(actions, full_actions)
+        assert lean.dataset_attrs()["state_velocities"] is False and env.dataset_attrs()["state_velocities"] is True
+        with pytest.raises(VqbetError, match="state_velocities"):
+            KitchenEnv(state_velocities="no")
+    finally:
+        lean.close()
+
+
 def test_joint_position_action_reaches_the_target(env):
     """The action is where the joints go: gravity feed-forward removes the position servos' sag (0.026 rad)."""
     obs = env.reset(seed=0)

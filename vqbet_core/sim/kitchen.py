@@ -11,7 +11,11 @@ Observations (dataset keys):
   official env's sensor noise. This is what a real arm reports, so it is the policy input that
   carries over to ROS data.
 - ``state`` float32 (59,): the official env's full low-dim observation: robot qpos (9) and qvel (9),
-  object qpos (21) and qvel (20), same noise. The state-based benchmark input.
+  object qpos (21) and qvel (20), same noise. The state-based benchmark input. With
+  ``state_velocities=False`` it is (30,): robot qpos and object qpos only, the input the BeT and
+  VQ-BeT papers trained on (the first 30 dims of D4RL's relay-kitchen observation). Why offer it:
+  the robot's velocities carry the last commanded motion, which a history-conditioned policy can
+  copy instead of reading the scene.
 - ``camera_<name>`` uint8 (H, W, 3) for each of ``cameras`` when ``image_size`` is set.
 
 Action (``action_mode``):
@@ -87,6 +91,7 @@ class KitchenEnv(SimEnv):
         action_mode: str = "joint_pos",
         robot_noise_ratio: float = 0.01,
         object_noise_ratio: float = 0.0005,
+        state_velocities: bool = True,
     ):
         tasks = (tasks,) if isinstance(tasks, str) else tuple(tasks)
         bad = [t for t in tasks if t not in ALL_TASKS]
@@ -104,6 +109,9 @@ class KitchenEnv(SimEnv):
         for name, ratio in (("robot_noise_ratio", robot_noise_ratio), ("object_noise_ratio", object_noise_ratio)):
             if not isinstance(ratio, (int, float)) or not 0 <= ratio <= 1:
                 raise VqbetError(f"kitchen {name}={ratio!r}: expected a number in [0, 1]")
+        if not isinstance(state_velocities, (bool, np.bool_)):
+            raise VqbetError(f"kitchen state_velocities={state_velocities!r}: expected true or false")
+        self.state_velocities = bool(state_velocities)
         self.tasks = tasks
         self.goal_count = int(goal_count)
         self.image_size = None if image_size is None else int(image_size)
@@ -217,6 +225,7 @@ class KitchenEnv(SimEnv):
             "image_size": self.image_size,
             "action_mode": self.action_mode,
             "action_dim": self.action_dim,
+            "state_velocities": self.state_velocities,
         }
 
     # ------------------------------------------------------------------ joint-space robot protocol (SimRobot)
@@ -252,7 +261,7 @@ class KitchenEnv(SimEnv):
 
     def _make_obs(self, gym_obs: dict) -> dict:
         state = np.asarray(gym_obs["observation"], dtype=np.float32).copy()
-        obs = {"robot_joint": state[:9].copy(), "state": state}
+        obs = {"robot_joint": state[:9].copy(), "state": state if self.state_velocities else positions_of(state)}
         if self.image_size:
             for cam in self.cameras:
                 obs[f"camera_{cam}"] = self.render(cam, self.image_size)
@@ -498,6 +507,11 @@ PLANS = {
 }
 
 
+def positions_of(state: np.ndarray) -> np.ndarray:
+    """Robot qpos (9) + object qpos (21) of a 59-d official state (a 30-d one is returned as is)."""
+    return state if state.shape[-1] == 30 else np.concatenate([state[..., :9], state[..., 18:39]], axis=-1)
+
+
 class KitchenExpert(Expert):
     """Scripted demonstrator: does the env's tasks one after another in a random order per episode.
 
@@ -535,9 +549,10 @@ class KitchenExpert(Expert):
 
     def act(self, obs: dict) -> np.ndarray:
         state = np.asarray(obs["state"], dtype=float)
-        if state.shape != (59,):
-            raise VqbetError(f"kitchen expert: obs['state'] has shape {state.shape}, expected (59,)")
-        self.kin.set_state(np.concatenate([state[:9], state[18:39]]))  # robot qpos + object qpos
+        if state.shape not in ((59,), (30,)):
+            raise VqbetError(f"kitchen expert: obs['state'] has shape {state.shape}, expected (59,) or (30,)")
+        state = positions_of(state)  # robot qpos + object qpos
+        self.kin.set_state(state)
         if self._program is None:
             self._p_cmd, self._r_cmd = self.kin.ee_pose()
             self._q_cmd = state[:7].copy()
