@@ -19,7 +19,7 @@ TINY = ["--set", "train.phase1_steps=3", "--set", "train.phase2_steps=3", "--set
 CASES = {
     # config: (env, sim-demos args, extra train args, metric keys of eval)
     "blockpush": ("blockpush", [], [], {"R1", "R2", "P1", "P2", "mode_freq"}),
-    "kitchen": ("kitchen", [], [], {"tasks_mean", "frac_ge_4", "order_entropy", "demo_order_entropy_at_n"}),
+    "kitchen": ("kitchen", ["--env-arg", "state_velocities=false"], [], {"tasks_mean", "frac_ge_4", "order_entropy", "demo_order_entropy_at_n"}),
     "kitchen_image": ("kitchen", ["--env-arg", "image_size=32"], ["--set", "vision.weights=none", "--set", "vision.image_size=32"],
                       {"tasks_mean", "order_entropy"}),
     "pusht_image": ("pusht_image", ["--env-arg", "image_size=32"], ["--set", "vision.weights=none", "--set", "vision.image_size=32"],
