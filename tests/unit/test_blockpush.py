@@ -58,13 +58,33 @@ def test_reset_and_step_are_deterministic(env):
         other.close()
 
 
-def test_layout_follows_ibc_ranges(env):
-    for seed in range(20):
-        s = env.reset(seed=seed)["state"]
-        blocks, targets = s[[0, 1, 3, 4]].reshape(2, 2), s[[10, 11, 13, 14]].reshape(2, 2)
-        assert np.all(np.abs(blocks[:, 0] - 0.4) <= 0.1 + 1e-3) and np.all(np.abs(blocks[:, 1] + 0.2) <= 0.15 + 1e-3)
-        assert np.all(np.abs(targets[:, 1] - 0.2) <= 0.15 + 1e-3)
-        assert abs(blocks[0, 0] - blocks[1, 0]) > 0.1 - 1e-3 and abs(targets[0, 0] - targets[1, 0]) > 0.12 - 1e-3
+def test_layout_follows_the_papers_and_ibc_ranges(env):
+    """Blocks as in IBC; targets in the papers' two slots by default, anywhere in IBC's ranges with ``random``."""
+    wide = BlockPushEnv(target_layout="random")
+    try:
+        slots, spread = set(), []
+        for seed in range(20):
+            for e in (env, wide):
+                s = e.reset(seed=seed)["state"]
+                blocks, targets = s[[0, 1, 3, 4]].reshape(2, 2), s[[10, 11, 13, 14]].reshape(2, 2)
+                assert np.all(np.abs(blocks[:, 0] - 0.4) <= 0.1 + 1e-3)
+                assert np.all(np.abs(blocks[:, 1] + 0.2) <= 0.15 + 1e-3)
+                assert abs(blocks[0, 0] - blocks[1, 0]) > 0.1 - 1e-3 and abs(targets[0, 0] - targets[1, 0]) > 0.12 - 1e-3
+                if e is env:
+                    assert np.all(np.abs(np.abs(targets[:, 0] - 0.4) - 0.12) <= 0.005 + 1e-4)
+                    assert np.all(np.abs(targets[:, 1] - 0.2) <= 0.0075 + 1e-4)
+                    assert np.all(np.abs(s[[12, 15]]) <= np.pi / 30 + 1e-4)  # yaw pi +- pi/30 (reported modulo a quarter turn)
+                    slots.add(bool(targets[0, 0] > 0.4))
+                else:
+                    assert np.all(np.abs(targets[:, 1] - 0.2) <= 0.15 + 1e-3)
+                    spread.append(targets[:, 1])
+        assert slots == {True, False}  # target 0 takes either slot
+        assert np.ptp(np.concatenate(spread)) > 0.1
+        assert env.dataset_attrs()["target_layout"] == "paper" and wide.dataset_attrs()["target_layout"] == "random"
+        with pytest.raises(VqbetError, match="target_layout"):
+            BlockPushEnv(target_layout="fixed")
+    finally:
+        wide.close()
 
 
 def test_image_obs_at_configured_size():

@@ -3,9 +3,13 @@
 Why a pusher instead of the xArm: the task's difficulty and multimodality live in the table plane
 (which block first, which target each block goes to); a cylinder driven by a force-limited
 constraint gives the same 2D displacement action space without inverse kinematics, and steps in
-~1 ms. Layout, randomisation and the 16-d state follow IBC's ``BlockPushMultimodal``: blocks at
-y = -0.2 +- 0.15, targets at y = +0.2 +- 0.15, both at x = 0.4 +- 0.1 (the two blocks at least 0.1
-apart in x, the targets 0.12), the effector starting at (0.3, -0.4).
+~1 ms. The 16-d state and the block randomisation follow IBC's ``BlockPushMultimodal``: blocks at
+x = 0.4 +- 0.1, y = -0.2 +- 0.15 (at least 0.1 apart in x), the effector starting at (0.3, -0.4).
+Targets (``target_layout``): ``"paper"`` (default) is the benchmark the BeT and VQ-BeT papers report
+on (BeT's fork of the env): two target slots at x = 0.4 -+ 0.12, y = 0.2, each jittered by +- 5 mm in x
+and +- 7.5 mm in y, yaw pi +- pi/30, which target takes which slot drawn per episode. ``"random"`` is
+IBC's original: each target anywhere in x = 0.4 +- 0.1, y = 0.2 +- 0.15 (0.12 apart in x), yaw
+pi +- pi/6, a harder task than the one the papers' numbers are for.
 
 Metrics (BeT paper, Table 1/2): R1/R2 = the pusher touched at least one / both blocks; P1/P2 = at
 the end of the episode at least one block / both blocks sit in (distinct) targets (block centre
@@ -44,6 +48,7 @@ BLOCK_COLORS = [(0.85, 0.15, 0.15, 1.0), (0.15, 0.65, 0.2, 1.0)]  # b0 red, b1 g
 TARGET_COLORS = [(1.0, 0.6, 0.6, 1.0), (0.6, 0.95, 0.6, 1.0)]  # t0 pale red, t1 pale green
 JOINT_NAMES = ["pusher_x", "pusher_y"]
 ACTION_MODES = ("delta", "target")
+TARGET_LAYOUTS = ("paper", "random")
 MODES = ["b0->t0,b1->t1", "b0->t1,b1->t0", "b1->t0,b0->t1", "b1->t1,b0->t0"]
 STATE_LAYOUT = [
     ("block0_xy", 2), ("block0_yaw", 1), ("block1_xy", 2), ("block1_yaw", 1),
@@ -83,7 +88,8 @@ class BlockPushEnv(SimEnv):
 
     def __init__(self, image_size: int | None = None, max_steps: int = 350, control_hz: float = 10.0,
                  goal_tolerance: float = 0.05, render_size: int = 256, action_mode: str = "delta",
-                 relative_features: bool = False, effector_target_in_state: bool = True):
+                 relative_features: bool = False, effector_target_in_state: bool = True,
+                 target_layout: str = "paper"):
         if action_mode not in ACTION_MODES:
             raise VqbetError(f"blockpush action_mode={action_mode!r}: expected one of {list(ACTION_MODES)}")
         if image_size is not None and (not isinstance(image_size, (int, np.integer)) or image_size < 16):
@@ -98,6 +104,8 @@ class BlockPushEnv(SimEnv):
             raise VqbetError(f"blockpush relative_features={relative_features!r}: expected true or false")
         if not isinstance(effector_target_in_state, (bool, np.bool_)):
             raise VqbetError(f"blockpush effector_target_in_state={effector_target_in_state!r}: expected true or false")
+        if target_layout not in TARGET_LAYOUTS:
+            raise VqbetError(f"blockpush target_layout={target_layout!r}: expected one of {list(TARGET_LAYOUTS)}")
         import pybullet
         from pybullet_utils import bullet_client
 
@@ -114,6 +122,7 @@ class BlockPushEnv(SimEnv):
         self.action_is_joint_target = action_mode == "target"
         self.relative_features = bool(relative_features)
         self.effector_target_in_state = bool(effector_target_in_state)
+        self.target_layout = target_layout
         self._rng = np.random.default_rng()
         self._t = 0
         self._ids: dict = {}
@@ -146,6 +155,7 @@ class BlockPushEnv(SimEnv):
             "action_mode": self.action_mode,
             "max_action_step": MAX_STEP,
             "goal_tolerance": self.goal_tolerance,
+            "target_layout": self.target_layout,
             "modes": MODES,
         }
         if self.image_size is not None:
@@ -211,8 +221,14 @@ class BlockPushEnv(SimEnv):
 
         blocks = pair(-0.2, 0.1)
         block_yaw = rng.uniform(0, math.pi, size=2)
-        targets = pair(0.2, 0.12)
-        target_yaw = math.pi + rng.uniform(-math.pi / 6, math.pi / 6, size=2)
+        if self.target_layout == "random":
+            targets = pair(0.2, 0.12)
+            target_yaw = math.pi + rng.uniform(-math.pi / 6, math.pi / 6, size=2)
+        else:  # two fixed slots 0.24 apart, a few mm of jitter, the slot order drawn
+            side = 0.12 * rng.choice([-1.0, 1.0])
+            targets = np.array([[0.4 + s + rng.uniform(-0.005, 0.005), 0.2 + rng.uniform(-0.0075, 0.0075)]
+                                for s in (side, -side)])
+            target_yaw = math.pi + rng.uniform(-math.pi / 30, math.pi / 30, size=2)
         return blocks, block_yaw, targets, target_yaw
 
     # ------------------------------------------------------------------ episode
