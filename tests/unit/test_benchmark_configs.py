@@ -40,3 +40,25 @@ def test_named_config_trains_and_evaluates(config, tmp_path, capsys):
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["env"] == env and result["episodes"] == 1
     assert metrics <= set(result), f"{config}: eval lacks {metrics - set(result)}"
+
+
+def test_eval_rebuilds_the_scene_of_demos_that_predate_an_env_option(tmp_path, capsys):
+    """Blockpush demos recorded before ``target_layout`` existed were made on the random layout: eval says so and uses it."""
+    import zarr
+
+    data, run = tmp_path / "demos.zarr", tmp_path / "run"
+    assert vqbet(["sim-demos", "--env", "blockpush", "--episodes", "2", "--out", str(data), "--seed", "3",
+                  "--no-progress", "--env-arg", "target_layout=random"]) == 0
+    root = zarr.open_group(str(data), mode="r+")
+    old = {k: v for k, v in root.attrs.asdict().items() if k != "target_layout"}
+    old["env_args"] = {}
+    root.attrs.put(old)  # as sim-demos wrote them before the option
+    capsys.readouterr()
+    assert vqbet(["train", "--config", "blockpush", "--data", str(data), "--out", str(run), *TINY]) == 0
+    capsys.readouterr()
+    assert vqbet(["eval", "--checkpoint", str(run), "--env", "blockpush", "--episodes", "1", "--max-steps", "3"]) == 0
+    err = capsys.readouterr().err
+    assert "predate blockpush's target_layout option; evaluating with target_layout=random" in err
+    assert vqbet(["eval", "--checkpoint", str(run), "--env", "blockpush", "--episodes", "1", "--max-steps", "3",
+                  "--env-arg", "target_layout=paper"]) == 0
+    assert "predate" not in capsys.readouterr().err  # the user's choice wins, silently

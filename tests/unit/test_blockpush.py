@@ -87,6 +87,16 @@ def test_layout_follows_the_papers_and_ibc_ranges(env):
         wide.close()
 
 
+def test_env_args_for_old_and_new_demos():
+    """Demos whose attrs lack ``target_layout`` predate it (random layout); newer ones rebuild from their own args."""
+    assert BlockPushEnv.env_args_for({"source": "sim:blockpush", "env_args": {}}) == {"target_layout": "random"}
+    assert BlockPushEnv.env_args_for({"source": "sim:blockpush", "target_layout": "paper",
+                                      "env_args": {"max_steps": 50}}) == {"max_steps": 50}
+    assert BlockPushEnv.env_args_for({"source": "sim:blockpush", "env_args": {"target_layout": "paper"}}) == {
+        "target_layout": "paper"}
+    assert BlockPushEnv.env_args_for({"source": "ros:recorder"}) == {}  # not this simulator's demos: nothing added
+
+
 def test_image_obs_at_configured_size():
     e = BlockPushEnv(image_size=48, render_size=80)
     try:

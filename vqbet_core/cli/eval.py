@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 
@@ -63,7 +64,11 @@ def run(args) -> int:
                        temperature=args.temperature, blend=None if args.blend is None else args.blend == "average",
                        threads=None if workers == 1 else max(1, (os.cpu_count() or 1) // workers))
     attrs = recorded_dataset_attrs(spec)
-    env_args = {**(attrs.get("env_args") or {}), **parse_env_args(args.env_arg)}
+    recorded = env_class(args.env).env_args_for(attrs)
+    for key in sorted(set(recorded) - set(attrs.get("env_args") or {}) - set(parse_env_args(args.env_arg))):
+        print(f"vqbet eval: the training demos predate {args.env}'s {key} option; evaluating with "
+              f"{key}={recorded[key]} (what they were recorded on; --env-arg {key}=... to change)", file=sys.stderr)
+    env_args = {**recorded, **parse_env_args(args.env_arg)}
     want_frames = 1 if (args.video or args.contact_sheet) else 0
     if workers > 1:  # each worker builds its own agent and env
         results, trajectories, frames = parallel_rollout(

@@ -36,6 +36,19 @@ class Expert(ABC):
 class SimEnv(ABC):
     name: str = "base"
     action_key: str = "action"
+    # Options added after datasets had been recorded without them: option -> the value those datasets were made
+    # with (their attrs lack the option's key). Lets an old checkpoint be evaluated on the scene it learnt.
+    values_before_option: dict = {}
+
+    @classmethod
+    def env_args_for(cls, attrs: dict) -> dict:
+        """Constructor arguments that rebuild the scene a dataset with ``attrs`` (its ``.zattrs``) was recorded on."""
+        args = dict(attrs.get("env_args") or {})
+        if attrs.get("source") == f"sim:{cls.name}":
+            for key, value in cls.values_before_option.items():
+                if key not in attrs and key not in args:
+                    args[key] = value
+        return args
 
     @property
     @abstractmethod

@@ -85,6 +85,7 @@ class BlockPushEnv(SimEnv):
 
     name = "blockpush"
     joint_names = JOINT_NAMES
+    values_before_option = {"target_layout": "random"}  # demos recorded before the papers' layout existed
 
     def __init__(self, image_size: int | None = None, max_steps: int = 350, control_hz: float = 10.0,
                  goal_tolerance: float = 0.05, render_size: int = 256, action_mode: str = "delta",
