@@ -72,6 +72,26 @@ def test_pusht_frames_are_labelled_with_the_true_scene_and_reproducible():
     assert len({tuple(row) for row in labels[:, 2:4].round(3)}) >= 3  # several scenes, not one
 
 
+def test_kitchen_frames_show_doors_and_knobs_anywhere_in_their_ranges():
+    """Kitchen resets always show the closed kitchen: ``pretrain_scene`` opens doors / turns knobs at random."""
+    pytest.importorskip("gymnasium_robotics")
+    from vqbet_core.sim.kitchen import KitchenEnv
+
+    env = KitchenEnv(image_size=32)
+    try:
+        images, labels = collect_frames(env, 12, seed=5, frames_per_reset=3)
+        np.testing.assert_allclose(labels[-1], env.pretrain_labels())  # the label is the state behind the frame
+        names = list(env.pretrain_label_names)
+    finally:
+        env.close()
+    assert images.shape == (12, 32, 32, 3) and labels.shape == (12, len(names)) and np.all(np.isfinite(labels))
+    assert {"microwave", "slide_cabinet", "light_switch", "knob_Joint_1", "panda0_joint1"} <= set(names)
+    assert np.all(np.abs(labels) <= 1.2)  # joint ranges mapped to [-1, 1] (limits are soft in MuJoCo)
+    objects = labels[:, names.index("knob_Joint_1"):]
+    assert np.all(objects.std(axis=0) > 0.05)  # every door, knob and switch varies across the scenes
+    assert len({img.tobytes() for img in images}) == 12
+
+
 def test_cli_writes_loadable_weights_and_a_report(tmp_path, capsys):
     pytest.importorskip("gym_pusht")
     out = tmp_path / "enc.safetensors"

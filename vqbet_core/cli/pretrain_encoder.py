@@ -12,7 +12,7 @@ from pathlib import Path
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--env", required=True, help="a simulated env with pretraining labels (pusht_image)")
+    p.add_argument("--env", required=True, help="a simulated env with pretraining labels (pusht_image, kitchen)")
     p.add_argument("--out", required=True, help="output weights file (.safetensors)")
     p.add_argument("--frames", type=int, default=20000, help="random-scene frames to render (default 20000)")
     p.add_argument("--steps", type=int, default=1500, help="optimizer steps (default 1500)")

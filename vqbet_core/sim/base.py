@@ -131,6 +131,11 @@ class SimEnv(ABC):
         """An action that moves the scene somewhere plausible, for varied pretraining frames."""
         raise NotImplementedError(f"env '{self.name}' has no random action")
 
+    def pretrain_scene(self, rng: np.random.Generator) -> dict | None:
+        """Move the just-reset scene to a random plausible state and return its observation; ``None``: the
+        reset scene is random enough already (its observation is used)."""
+        return None
+
 
 def mode_frequencies(modes: list[str | None], keys: list[str] | None = None) -> dict[str, float]:
     """Fraction of each mode label (keys sorted; ``None`` counted as ``"none"``)."""

@@ -153,6 +153,11 @@ class KitchenEnv(SimEnv):
         self._t = 0
         self._completed: list[str] = []
         self._last_obs: dict | None = None
+        # encoder pretraining labels: every limited joint (robot and the kitchen's doors, knobs, switch, slides)
+        self._label_joints = [j for j in range(self.model.njnt) if self.model.jnt_limited[j]
+                              and self.model.jnt_type[j] in (mujoco.mjtJoint.mjJNT_HINGE, mujoco.mjtJoint.mjJNT_SLIDE)]
+        self.pretrain_label_names = [mujoco.mj_id2name(self.model, mujoco.mjtObj.mjOBJ_JOINT, j).removeprefix("robot:")
+                                     for j in self._label_joints]
 
     # ------------------------------------------------------------------ interface
     @property
@@ -243,6 +248,32 @@ class KitchenEnv(SimEnv):
         if targets.shape != (9,) or not np.all(np.isfinite(targets)):
             raise VqbetError(f"kitchen joint targets of shape {targets.shape}: expected 9 finite numbers")
         return self.step(self.position_to_velocity(targets))
+
+    # ------------------------------------------------------------------ encoder pretraining (see SimEnv)
+    def pretrain_labels(self) -> np.ndarray:
+        """Every limited joint's position, mapped from its range to [-1, 1] (``pretrain_label_names`` order)."""
+        lo, hi = self.model.jnt_range[self._label_joints].T
+        q = self.data.qpos[self.model.jnt_qposadr[self._label_joints]]
+        return (2.0 * (q - lo) / (hi - lo) - 1.0).astype(np.float32)
+
+    def pretrain_scene(self, rng: np.random.Generator) -> dict:
+        """Doors, knobs, switch and slides anywhere in their ranges, the arm near its rest pose; one control step
+        lets the physics settle what the random pose made inconsistent (knob-burner couplings, contacts)."""
+        q = self.data.qpos.copy()
+        objects = [j for j in self._label_joints if j >= 9]
+        lo, hi = self.model.jnt_range[objects].T
+        q[self.model.jnt_qposadr[objects]] = rng.uniform(lo, hi)
+        q[:7] = np.clip(np.array(_REST) + rng.normal(0.0, 0.3, 7), self.q_low[:7], self.q_high[:7])
+        self.data.qpos[:] = q
+        self.data.qvel[:] = 0.0
+        mujoco.mj_forward(self.model, self.data)
+        self._robot._last_robot_qpos = q[:9].copy()  # what position_to_velocity integrates from
+        return self.step_joints(q[:9])[0]
+
+    def random_action(self, rng: np.random.Generator) -> np.ndarray:
+        """Joint targets a short random reach from the current pose (or the velocity that commands them)."""
+        target = np.clip(self.data.qpos[:9] + rng.normal(0.0, 0.25, 9), self.q_low, self.q_high)
+        return target if self.action_is_joint_target else self.position_to_velocity(target)
 
     # ------------------------------------------------------------------ control
     def position_to_velocity(self, target: np.ndarray) -> np.ndarray:

@@ -9,7 +9,8 @@ kept. The policy then sees features from which the scene state is linearly decod
 construction. The result is a ``vision.weights`` file like any other (``.safetensors``).
 
 Frames come from the env's optional pretraining protocol (``SimEnv.pretrain_labels`` /
-``random_action``): each reset draws a random scene, then a few random actions move it.
+``pretrain_scene`` / ``random_action``): each reset draws a random scene (the env may randomise it
+further, e.g. the kitchen's doors and knobs), then a few random actions move it.
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ def collect_frames(env, n_frames: int, seed: int = 0, frames_per_reset: int = 5,
         bar = tqdm(total=n_frames, desc=progress, unit="frame", leave=False)
     while len(images) < n_frames:
         obs = env.reset(seed=int(rng.integers(2**31 - 1)))
+        obs = env.pretrain_scene(rng) or obs
         for k in range(frames_per_reset):
             if k:
                 action = env.random_action(rng)
