@@ -117,3 +117,18 @@ def test_cli_bad_arguments_are_one_line_errors(tmp_path, capsys, argv, message):
     assert rc == 2 and message in err and len(err.splitlines()) == 1, err
     assert vqbet_main(["pretrain-encoder", "--env", "pusht_image", "--out", str(tmp_path / "e.pt")]) == 2
     assert "expected a .safetensors" in capsys.readouterr().err
+
+
+def test_kitchen_cli_runs_in_a_fresh_process(tmp_path):
+    """A fresh interpreter (torchvision not yet imported) must not crash after MuJoCo's renderer is up."""
+    pytest.importorskip("gymnasium_robotics")
+    import subprocess
+    import sys
+
+    out = tmp_path / "k.safetensors"
+    proc = subprocess.run([sys.executable, "-m", "vqbet_core.cli.main", "pretrain-encoder", "--env", "kitchen",
+                           "--env-arg", "image_size=32", "--frames", "12", "--steps", "2", "--out", str(out),
+                           "--no-progress"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out.exists() and report["env"] == "kitchen" and "microwave" in report["val_rmse"]

@@ -38,6 +38,8 @@ def run(args) -> int:
     if args.frames < 10 or args.steps < 1 or args.batch_size < 1 or not args.lr > 0:
         raise VqbetError(f"--frames must be >= 10, --steps and --batch-size >= 1, --lr > 0; got {args.frames}, "
                          f"{args.steps}, {args.batch_size}, {args.lr}")
+    import torchvision  # noqa: F401  before the env: imported after MuJoCo's EGL context, torch's triton probe segfaults
+
     env_args = parse_env_args(args.env_arg)
     env = _make_env(args.env, env_args)
     try:
