@@ -34,8 +34,10 @@ def test_named_config_trains_and_evaluates(config, tmp_path, capsys):
     assert vqbet(["sim-demos", "--env", env, "--episodes", "2", "--out", str(data), "--seed", "3", "--no-progress",
                   *demo_args]) == 0
     capsys.readouterr()
-    assert vqbet(["train", "--config", config, "--data", str(data), "--out", str(run), *TINY, *train_args]) == 0
-    capsys.readouterr()
+    assert vqbet(["train", "--config", config, "--data", str(data), "--out", str(run), "--no-progress", *TINY,
+                  *train_args]) == 0
+    err = capsys.readouterr().err
+    assert "it/s" not in err and "batch/s" not in err, f"{config}: --no-progress still drew a bar: {err[-300:]}"
     assert vqbet(["eval", "--checkpoint", str(run), "--env", env, "--episodes", "1", "--max-steps", "8"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["env"] == env and result["episodes"] == 1

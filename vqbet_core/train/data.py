@@ -42,7 +42,7 @@ class TrainingData:
     """Everything phase 1 and phase 2 sample from, already normalized and fused."""
 
     def __init__(self, cfg: dict, data_path: str | Path, device: torch.device, cache_dir: str | Path | None = None,
-                 normalizer: Normalizer | None = None, encoder=None):
+                 normalizer: Normalizer | None = None, encoder=None, progress: bool = True):
         dcfg = cfg["data"]
         self.path = Path(data_path)
         ds = ZarrDataset.open(self.path, "r")
@@ -61,7 +61,7 @@ class TrainingData:
 
             cache = Path(cache_dir) if cache_dir else self.path.parent / ".vqbet_feature_cache"
             for key in dcfg["image_keys"]:
-                features[key] = encoded_features(ds, key, encoder, cfg["vision"], cache)
+                features[key] = encoded_features(ds, key, encoder, cfg["vision"], cache, progress=progress)
         goal = ds.read(dcfg["goal_key"]).astype(np.float32).reshape(ds.n_steps, -1) if dcfg.get("goal_key") else None
         self.data_hash = dataset_hash(ds, required)
 

@@ -141,7 +141,8 @@ class Trainer:
             if resume_state is not None and (weights_dir / CKPT / "encoder.safetensors").exists():
                 enc_cfg["weights"] = str(weights_dir / CKPT / "encoder.safetensors")
             self.encoder = build_encoder(enc_cfg).to(self.device).eval()
-        self.data = TrainingData(cfg, data_path, self.device, cache_dir=cache_dir, normalizer=normalizer, encoder=self.encoder)
+        self.data = TrainingData(cfg, data_path, self.device, cache_dir=cache_dir, normalizer=normalizer, encoder=self.encoder,
+                                 progress=self.progress)
         if resume_state is not None and self.meta.get("data_hash") not in (None, self.data.data_hash):
             raise CheckpointError(f"{self.run_dir}: was trained on other data (hash {self.meta['data_hash']}, now {self.data.data_hash}); use --fresh")
         self.policy = build_policy(cfg, self.data.obs_dim, self.data.action_dim, self.data.goal_dim).to(self.device)
