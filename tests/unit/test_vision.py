@@ -310,6 +310,35 @@ def test_feature_cache_invalidated_by_data_and_encoder_changes(tmp_path, frozen)
     assert len(list(cache.glob("*.npy"))) == 2
 
 
+def test_training_keeps_features_in_vqbet_cache_or_cache_dir(tmp_path, monkeypatch, capsys):
+    """`vqbet train` caches frozen-encoder features in $VQBET_CACHE/features, or in --cache-dir; never beside the data."""
+    from vqbet_core.cli.main import main as vqbet
+
+    data = tmp_path / "data" / "d.zarr"
+    rng = np.random.default_rng(0)
+    ds = ZarrDataset.create(data)
+    for _ in range(2):
+        ds.add_episode({"camera_front": rng.integers(0, 256, size=(6, 32, 32, 3), dtype=np.uint8),
+                        "robot_joint": rng.normal(size=(6, 2)).astype(np.float32),
+                        "action": rng.normal(size=(6, 2)).astype(np.float32)})
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump({
+        "name": "tiny_image", "policy": "bet", "obs_window": 2, "action_chunk": 1,
+        "data": {"obs_keys": ["robot_joint"], "image_keys": ["camera_front"], "action_key": "action", "val_fraction": 0.0},
+        "vision": VISION32, "gpt": {"n_layer": 1, "n_head": 2, "n_embd": 16}, "heads": {"hidden": 16}, "bet": {"n_bins": 2},
+        "train": {"phase1_steps": 2, "phase2_steps": 2, "batch_size": 4, "phase1_batch_size": 8, "log_every": 1,
+                  "val_every": 2, "ckpt_every": 2, "device": "cpu"}}))
+    env_cache, flag_cache = tmp_path / "env_cache", tmp_path / "flag_cache"
+    monkeypatch.setenv("VQBET_CACHE", str(env_cache))
+    assert vqbet(["train", "--config", str(config), "--data", str(data), "--out", str(tmp_path / "run1"), "--no-progress"]) == 0
+    assert len(list((env_cache / "features").glob("*.npy"))) == 1
+    assert vqbet(["train", "--config", str(config), "--data", str(data), "--out", str(tmp_path / "run2"), "--no-progress",
+                  "--cache-dir", str(flag_cache)]) == 0
+    assert len(list(flag_cache.glob("*.npy"))) == 1
+    assert sorted(p.name for p in data.parent.iterdir()) == ["d.zarr"]  # nothing written beside the dataset
+    capsys.readouterr()
+
+
 def test_data_fingerprint_without_local_store_hashes_frames(tmp_path):
     import zarr
 

@@ -17,6 +17,8 @@ def add_arguments(p) -> None:
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:N | auto (default: config train.device)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set train.phase2_steps=2000 (repeatable)")
+    p.add_argument("--cache-dir", default=None, metavar="DIR",
+                   help="frozen-encoder feature cache (default $VQBET_CACHE/features, else ~/.cache/vqbet/features)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -39,7 +41,8 @@ def run(args) -> int:
     from vqbet_core.train.trainer import Trainer
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    trainer = Trainer(cfg, args.data, args.out, fresh=args.fresh, progress=not args.no_progress, init_from=args.init_from)
+    trainer = Trainer(cfg, args.data, args.out, fresh=args.fresh, progress=not args.no_progress, init_from=args.init_from,
+                      cache_dir=args.cache_dir)
     meta = trainer.run(args.phase)
     if trainer.is_main:
         print(json.dumps({"run": str(args.out), "policy": cfg["policy"], "phase1_step": meta["phase1_step"],

@@ -59,9 +59,8 @@ class TrainingData:
         if dcfg["image_keys"]:
             from vqbet_core.vision.feature_cache import encoded_features
 
-            cache = Path(cache_dir) if cache_dir else self.path.parent / ".vqbet_feature_cache"
-            for key in dcfg["image_keys"]:
-                features[key] = encoded_features(ds, key, encoder, cfg["vision"], cache, progress=progress)
+            for key in dcfg["image_keys"]:  # cache_dir None: $VQBET_CACHE/features (feature_cache.default_cache_dir)
+                features[key] = encoded_features(ds, key, encoder, cfg["vision"], cache_dir, progress=progress)
         goal = ds.read(dcfg["goal_key"]).astype(np.float32).reshape(ds.n_steps, -1) if dcfg.get("goal_key") else None
         self.data_hash = dataset_hash(ds, required)
 

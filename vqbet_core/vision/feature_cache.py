@@ -32,7 +32,13 @@ from vqbet_core.vision.preprocess import ImagePreprocess, dataset_camera_preproc
 log = logging.getLogger(__name__)
 
 CACHE_VERSION = 1
-DEFAULT_CACHE_DIR = Path(os.environ.get("VQBET_CACHE", "~/.cache/vqbet")).expanduser() / "features"
+
+
+def default_cache_dir() -> Path:
+    """``$VQBET_CACHE/features`` (``~/.cache/vqbet/features`` when unset), read at call time so a later
+    ``VQBET_CACHE`` applies; the one default for training, scripts and tests alike."""
+    return Path(os.environ.get("VQBET_CACHE") or "~/.cache/vqbet").expanduser() / "features"
+
 _HASH_BLOCK = 1024  # frames per block when hashing decoded frames
 
 
@@ -125,7 +131,7 @@ def encoded_features(dataset, key: str, encoder: ImageEncoder, vision_cfg: dict,
         raise DatasetError(f"{dataset.path}: dataset is empty (no committed episodes)")
     array = camera_frames(dataset, key)
     preprocess = dataset_camera_preprocess(dataset.attrs, key, array.shape[1:3], image_size_wh(cfg["image_size"]))
-    cache_dir = Path(cache_dir) if cache_dir is not None else DEFAULT_CACHE_DIR
+    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     fingerprint = encoder.fingerprint()
     digest = cache_key(dataset, key, fingerprint, preprocess)
     path = cache_dir / f"{digest}.npy"
