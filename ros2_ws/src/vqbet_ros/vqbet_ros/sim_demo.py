@@ -255,9 +255,21 @@ class SimSession:
             time.sleep(0.02)
         raise VqbetError(f"timed out after {timeout:g} s waiting for {what}")
 
+    def policy_has_inputs(self) -> bool:
+        """The policy node's latest ``/diagnostics`` show every input stream (cameras, joint states) arriving.
+
+        A node that has just started answers its services before DDS has matched its subscriptions to the
+        simulator's publishers; enabling it then loses the episode's first steps to "no image yet".
+        """
+        values = self.node_diagnostics(self.policy_node.split("/")[-1] + ":")
+        rates = [v for k, v in values.items() if k.startswith("rate_") and k.endswith("_hz")]
+        return bool(rates) and all(float(r) > 0 for r in rates)
+
     def run_episode(self, timeout: float, frames: bool = False) -> dict:
-        """Disable the policy, reset the simulator, enable the policy, wait for the episode's result."""
+        """Disable the policy, reset the simulator, wait until the policy receives its inputs, enable it, wait
+        for the episode's result."""
         self.enable(False)
+        self.wait_for(self.policy_has_inputs, timeout, f"{self.policy_node} to receive camera images and joint states")
         self.keep_frames = False
         with self.lock:
             self.frames = []
