@@ -117,22 +117,27 @@ def test_scripted_teleop_records_an_episode(sim):
 
     s, tmp = sim["session"], sim["tmp"]
     out = tmp / "recorded.zarr"
-    recorder = NodeProcess("recorder_node", [
-        "--params-file", str(BRINGUP_CONFIG / "recorder.yaml"), "-p", f"output:={out}",
-        "-p", f"calibration:={_calibration(tmp / 'cal_rec.yaml')}", "-p", "min_free_mb:=20.0",
-        "-p", "stop_free_mb:=10.0"], sim["env"], tmp / "recorder_node.log")
+    # the teleop node first: it publishes nothing until the recorder is up, and this test's session must have
+    # matched its command publisher by then (the teleop's own subscriber count only says the writer side matched;
+    # a reader that matches later loses the first commands)
     teleop = NodeProcess("scripted_teleop_node", [
         "--params-file", str(BRINGUP_CONFIG / "sim.yaml"), "-p", "recorder:=/recorder_node", "-p", "episodes:=1",
         "-p", "keep_failed:=true", "-p", "exit_when_done:=true",
         "-p", "min_subscribers:=2",  # the recorder and this test's session: both must see every command
         "-p", f"env_args:='{{action_mode: target, max_steps: {MAX_STEPS}}}'"], sim["env"], tmp / "teleop.log")
+    recorder = None
     n_results = len(s.results)
     try:
+        s.wait_for(lambda: s.teleop_sub.get_publisher_count() > 0, 30, "the session to match the teleop's commands")
+        recorder = NodeProcess("recorder_node", [
+            "--params-file", str(BRINGUP_CONFIG / "recorder.yaml"), "-p", f"output:={out}",
+            "-p", f"calibration:={_calibration(tmp / 'cal_rec.yaml')}", "-p", "min_free_mb:=20.0",
+            "-p", "stop_free_mb:=10.0"], sim["env"], tmp / "recorder_node.log")
         code = teleop.wait(60)
         assert code == 0, f"teleop exit {code}: {teleop.log_tail()}\nrecorder: {recorder.log_tail()}"
     finally:
         teleop.stop()
-        assert recorder.stop() == 0, recorder.log_tail()
+        assert recorder is None or recorder.stop() == 0, recorder.log_tail()
     result = s.results[n_results]
     assert result["length"] == MAX_STEPS
     ds = ZarrDataset.open(out, "r")

@@ -176,7 +176,7 @@ class SimSession:
         self.node.create_subscription(JointTrajectory, "/arm_controller/joint_trajectory",
                                       lambda m: self._append(self.trajectories, (time.time(), m)), reliable)
         self.node.create_subscription(JointState, "/joint_states", self._on_joint_state, reliable)
-        self.node.create_subscription(JointState, "/teleop/joint_command", self._on_teleop, reliable)
+        self.teleop_sub = self.node.create_subscription(JointState, "/teleop/joint_command", self._on_teleop, reliable)
         self.node.create_subscription(Image, camera_topic, self._on_image, reliable)
         self.node.create_subscription(DiagnosticArray, "/diagnostics", self._on_diagnostics, 20)
         self._stop = threading.Event()
