@@ -45,7 +45,7 @@ BRINGUP_CONFIG = REPO / "ros2_ws" / "src" / "vqbet_bringup" / "config"
 DDS_PROFILE = BRINGUP_CONFIG / "fastdds_large_images.xml"
 
 # Measured on 2 CPU cores (lightly loaded): 60 demos + blockpush_ros train in ~1.5 min, the whole demo in ~3.6 min
-# (5.5 with the venv made); the policy reaches the first block (R1 1.0) but not the placement (P1 0): R2 0.0-0.05 on
+# (5.5 with the venv made); the policy reaches the first block (R1 1.0) but not the placement (P1 0): R2 0.0-0.17 on
 # the papers' target layout (2026-12-03), 0.3-0.7 on the old random one. 150 demos and twice the training (17 min,
 # random layout) gave the same picture (R1 1.0, R2 0.6, P1 0), as did 300 demos and twice the training on the papers'
 # layout (5.5 min: R1 1.0, R2 0.15, P1 0 over 20 offline episodes), so more is not the default.
