@@ -44,7 +44,7 @@ BRINGUP_CONFIG = REPO / "ros2_ws" / "src" / "vqbet_bringup" / "config"
 # shared memory with a 16 MB segment: large camera frames skip the network path (see the file's comment)
 DDS_PROFILE = BRINGUP_CONFIG / "fastdds_large_images.xml"
 
-# Measured on 2 CPU cores (lightly loaded): 60 demos + blockpush_ros train in ~1.5 min, the whole demo in ~3.6 min
+# Measured on 2 CPU cores (lightly loaded): 60 demos + blockpush_ros train in ~1.5 min, the whole demo in ~3-3.6 min
 # (5.5 with the venv made); the policy reaches the first block (R1 1.0) but not the placement (P1 0): R2 0.0-0.17 on
 # the papers' target layout (2026-12-03), 0.3-0.7 on the old random one. 150 demos and twice the training (17 min,
 # random layout) gave the same picture (R1 1.0, R2 0.6, P1 0), as did 300 demos and twice the training on the papers'
@@ -266,7 +266,7 @@ class SimSession:
         return bool(rates) and all(float(r) > 0 for r in rates)
 
     def run_episode(self, timeout: float, frames: bool = False) -> dict:
-        """Disable the policy, reset the simulator, wait until the policy receives its inputs, enable it, wait
+        """Disable the policy, wait until it receives its inputs, reset the simulator, enable the policy, wait
         for the episode's result."""
         self.enable(False)
         self.wait_for(self.policy_has_inputs, timeout, f"{self.policy_node} to receive camera images and joint states")
