@@ -88,6 +88,35 @@ def recorded_dataset_attrs(spec: RolloutSpec) -> dict:
     return meta.get("dataset_attrs") or {}
 
 
+def evaluation_scene(env: str, attrs: dict, overrides: dict) -> tuple[dict, list[str]]:
+    """(every constructor argument of the scene to evaluate on, one-line notices about how it was chosen).
+
+    The scene is the one the training demos were recorded on (``attrs``: their ``.zattrs`` as kept by the
+    checkpoint or model), changed only by ``overrides`` (``--env-arg``). Each argument where the evaluation
+    scene differs from the recorded one is named with both values; options the record lacks are said to be
+    so, never silently taken from today's defaults.
+    """
+    from vqbet_core.sim import _plain, env_class, scene_args
+
+    recorded, filled = env_class(env).recorded_scene(attrs)
+    scene = scene_args(env, **{**recorded, **overrides})
+    notices = []
+    for key in filled:
+        if key not in overrides:
+            notices.append(f"the training demos have no record of {env}'s {key} option (they predate it); "
+                           f"evaluating with {key}={scene[key]!r}, its value before the option existed "
+                           f"(--env-arg {key}=... to change)")
+    changed = [f"{k}={scene[k]!r} (demos: {recorded[k]!r})" for k in sorted(recorded)
+               if k in scene and scene[k] != _plain(recorded[k])]
+    if changed:
+        notices.append(f"evaluating on a scene that differs from the training demos': {', '.join(changed)}")
+    unrecorded = sorted(set(scene) - set(recorded) - set(overrides))
+    if unrecorded and attrs.get("env_args") is not None and attrs.get("source") == f"sim:{env}":
+        notices.append(f"the training demos record no value for {', '.join(unrecorded)}; evaluating with "
+                       f"today's defaults: {', '.join(f'{k}={scene[k]!r}' for k in unrecorded)}")
+    return scene, notices
+
+
 def make_agent(spec: RolloutSpec, seed: int = 0):
     """The agent ``spec`` names: :class:`TorchAgent` for a checkpoint, :class:`RuntimeAgent` for a model."""
     if spec.checkpoint:

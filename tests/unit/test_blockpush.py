@@ -90,8 +90,9 @@ def test_layout_follows_the_papers_and_ibc_ranges(env):
 def test_env_args_for_old_and_new_demos():
     """Demos whose attrs lack ``target_layout`` predate it (random layout); newer ones rebuild from their own args."""
     assert BlockPushEnv.env_args_for({"source": "sim:blockpush", "env_args": {}}) == {"target_layout": "random"}
+    # recorded as a top-level attribute by an older sim-demos: that is the scene, not the pre-option default
     assert BlockPushEnv.env_args_for({"source": "sim:blockpush", "target_layout": "paper",
-                                      "env_args": {"max_steps": 50}}) == {"max_steps": 50}
+                                      "env_args": {"max_steps": 50}}) == {"max_steps": 50, "target_layout": "paper"}
     assert BlockPushEnv.env_args_for({"source": "sim:blockpush", "env_args": {"target_layout": "paper"}}) == {
         "target_layout": "paper"}
     assert BlockPushEnv.env_args_for({"source": "ros:recorder"}) == {}  # not this simulator's demos: nothing added

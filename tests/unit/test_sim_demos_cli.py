@@ -46,7 +46,7 @@ def test_writes_a_valid_store(fork_store):
 
     attrs = ds.attrs
     assert attrs["source"] == "sim:multipath" and attrs["variant"] == "fork" and attrs["control_hz"] == 10
-    assert attrs["obs_keys"] == ["state"] and attrs["env"] == "multipath" and attrs["env_args"] == {}
+    assert attrs["obs_keys"] == ["state"] and attrs["env"] == "multipath" and attrs["env_args"]["variant"] == "fork"
     assert len(attrs["episode_modes"]) == 6 and len(attrs["episode_seeds"]) == 6
     freq = {m: attrs["episode_modes"].count(m) / 6 for m in set(attrs["episode_modes"])}
     assert freq == pytest.approx(summary["mode_freq"])
@@ -111,7 +111,11 @@ def test_env_args_are_parsed_and_stored(tmp_path, capsys):
                                "--env-arg", "variant=zpaths", "--env-arg", "noise=0.01")
     assert code == 0, err
     attrs = ZarrDataset.open(path).attrs
-    assert attrs["variant"] == "zpaths" and attrs["env_args"] == {"variant": "zpaths", "noise": 0.01}
+    # every constructor argument is recorded, defaults included: the whole scene travels with the data
+    from vqbet_core.sim import scene_args
+
+    assert attrs["variant"] == "zpaths" and attrs["env_args"] == scene_args("multipath", variant="zpaths", noise=0.01)
+    assert attrs["env_args"]["noise"] == 0.01 and attrs["env_args"]["start_jitter"] == 0.1
     assert set(attrs["episode_modes"]) <= {"up-right-up", "right-up-right", "right-up-right-up"}
 
 

@@ -52,7 +52,7 @@ def run(args) -> int:
 
     from vqbet_core.errors import VqbetError
     from vqbet_core.evaluate import (RolloutSpec, contact_sheet, make_agent, parallel_rollout, plot_mode_frequencies,
-                                     recorded_dataset_attrs, rollout, write_video)
+                                     evaluation_scene, recorded_dataset_attrs, rollout, write_video)
     from vqbet_core.sim import env_class, make_env
 
     if args.workers < 1:
@@ -64,11 +64,9 @@ def run(args) -> int:
                        temperature=args.temperature, blend=None if args.blend is None else args.blend == "average",
                        threads=None if workers == 1 else max(1, (os.cpu_count() or 1) // workers))
     attrs = recorded_dataset_attrs(spec)
-    recorded = env_class(args.env).env_args_for(attrs)
-    for key in sorted(set(recorded) - set(attrs.get("env_args") or {}) - set(parse_env_args(args.env_arg))):
-        print(f"vqbet eval: the training demos predate {args.env}'s {key} option; evaluating with "
-              f"{key}={recorded[key]} (what they were recorded on; --env-arg {key}=... to change)", file=sys.stderr)
-    env_args = {**recorded, **parse_env_args(args.env_arg)}
+    env_args, notices = evaluation_scene(args.env, attrs, parse_env_args(args.env_arg))
+    for notice in notices:
+        print(f"vqbet eval: {notice}", file=sys.stderr)
     want_frames = 1 if (args.video or args.contact_sheet) else 0
     if workers > 1:  # each worker builds its own agent and env
         results, trajectories, frames = parallel_rollout(
@@ -97,5 +95,5 @@ def run(args) -> int:
         contact_sheet(frames[0], args.contact_sheet)
     if env is not None:
         env.close()
-    print(json.dumps({"env": args.env, "source": str(Path(args.checkpoint or args.model)), **metrics}))
+    print(json.dumps({"env": args.env, "source": str(Path(args.checkpoint or args.model)), "env_args": env_args, **metrics}))
     return 0

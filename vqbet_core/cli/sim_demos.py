@@ -71,7 +71,12 @@ def _open_store(out: Path, append: bool, attrs: dict):
     ds = ZarrDataset.open(out, mode="a")
     old = ds.attrs
     for key in ("source", "variant", "env_args"):
-        if key in attrs and key in old and old[key] != attrs[key]:
+        before = old.get(key)
+        if key == "env_args" and before is not None and attrs.get("env") == old.get("env"):
+            from vqbet_core.sim import scene_args  # an older store recorded only the options given
+
+            before = scene_args(attrs["env"], **before)
+        if key in attrs and key in old and before != attrs[key]:
             raise VqbetError(f"--out {out}: holds {key}={old[key]!r}, cannot append episodes with {key}={attrs[key]!r}")
     modes = list(old.get("episode_modes", []))
     if len(modes) < ds.n_episodes:
@@ -127,7 +132,9 @@ def run(args) -> int:
     out = Path(args.out)
     if out.exists() and not args.append:
         raise VqbetError(f"--out {out}: already exists (pass --append to add episodes to it, or choose a new path)")
-    env_args = parse_env_args(args.env_arg)
+    from vqbet_core.sim import scene_args
+
+    env_args = scene_args(args.env, **parse_env_args(args.env_arg))  # the whole scene, defaults included
     env = _make_env(args.env, env_args)
     created = not out.exists()
     ds = None

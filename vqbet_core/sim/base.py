@@ -43,12 +43,28 @@ class SimEnv(ABC):
     @classmethod
     def env_args_for(cls, attrs: dict) -> dict:
         """Constructor arguments that rebuild the scene a dataset with ``attrs`` (its ``.zattrs``) was recorded on."""
+        return cls.recorded_scene(attrs)[0]
+
+    @classmethod
+    def recorded_scene(cls, attrs: dict) -> tuple[dict, list[str]]:
+        """(constructor arguments of the recorded scene, options the record lacks and that were filled in).
+
+        Datasets record every constructor argument in ``env_args`` (``vqbet sim-demos``); older ones only the
+        ones given on the command line, plus some as top-level attrs. An option missing from both is one the
+        demos predate: it gets the value it had before the option existed (``values_before_option``).
+        """
         args = dict(attrs.get("env_args") or {})
+        filled = []
         if attrs.get("source") == f"sim:{cls.name}":
             for key, value in cls.values_before_option.items():
-                if key not in attrs and key not in args:
+                if key in args:
+                    continue
+                if key in attrs:  # recorded as a top-level attribute by an older sim-demos
+                    args[key] = attrs[key]
+                else:
                     args[key] = value
-        return args
+                    filled.append(key)
+        return args, filled
 
     @property
     @abstractmethod

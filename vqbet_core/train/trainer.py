@@ -159,9 +159,8 @@ class Trainer:
             "goal_key": cfg["data"].get("goal_key"), "data_path": str(Path(data_path).resolve()),
             "data_hash": self.data.data_hash, "n_train_episodes": int(len(self.data.train_episodes)),
             "n_val_episodes": int(len(self.data.val_episodes)),
-            "dataset_attrs": {k: v for k, v in self.data.dataset_attrs.items()
-                              if k in ("episode_modes", "episode_tasks", "joint_names", "control_hz", "source", "variant", "tasks", "cameras", "robot",
-                                       "env", "env_args", "goal_vectors")},
+            # whole: the scene the demos were recorded on (env_args, ...) must reach evaluation unfiltered
+            "dataset_attrs": dict(self.data.dataset_attrs),
         })
         self.log = MetricsLog(self.run_dir, self.is_main)
         resuming = resume_state is not None and weights_dir == self.run_dir
