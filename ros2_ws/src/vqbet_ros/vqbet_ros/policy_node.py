@@ -27,7 +27,6 @@ or ``python -m vqbet_ros.policy_node --ros-args ...``.
 
 from __future__ import annotations
 
-import signal
 import sys
 import time
 from collections import deque
@@ -35,6 +34,7 @@ from collections import deque
 import numpy as np
 
 from vqbet_core.errors import VqbetError
+from vqbet_core.recording.clock import OffsetMeter, behind_note, input_age
 
 # Layout of ~/step_timing (std_msgs/Float64MultiArray), one message per published trajectory.
 TIMING_FIELDS = ("stamp", "node_ms", "runtime_ms", "convert_ms", "publish_ms", "preprocess_ms", "encoder_ms",
@@ -48,7 +48,9 @@ class JointStateMerger:
     Why merge: some robots publish arm and gripper joints in separate messages. A joint never seen, or
     older than ``max_age``, makes the robot state "not ready"; extra joints are ignored. A message with
     mismatched arrays, duplicate names or a non-finite position for a joint we use is rejected whole
-    (``ValueError`` with one line). ROS-free, so it is unit-testable.
+    (``ValueError`` with one line). Ages follow the clock rule of :mod:`vqbet_core.recording.clock`:
+    ``max(now - stamp, now - received)``, so a sender's clock ahead of ours cannot keep a dead stream
+    fresh. ROS-free, so it is unit-testable.
     """
 
     def __init__(self, joint_names: list[str]):
@@ -56,10 +58,12 @@ class JointStateMerger:
         self.index = {n: i for i, n in enumerate(self.joint_names)}
         self.positions = np.zeros(len(self.joint_names), np.float64)
         self.stamps = np.full(len(self.joint_names), -np.inf)
+        self.received = np.full(len(self.joint_names), -np.inf)  # this node's clock when each joint arrived
         self.partial = 0  # messages that carried only some of our joints
 
-    def update(self, names, positions, stamp: float) -> int:
-        """Merge one message; returns how many of our joints it carried."""
+    def update(self, names, positions, stamp: float, received: float | None = None) -> int:
+        """Merge one message (``received``: its arrival on this node's clock, default ``stamp``); returns how
+        many of our joints it carried."""
         names = list(names)
         pos = np.asarray(positions, np.float64).reshape(-1)
         if len(names) != pos.size:
@@ -76,6 +80,7 @@ class JointStateMerger:
             raise ValueError(f"joint state has non-finite positions for {bad}")
         self.positions[dst] = values
         self.stamps[dst] = stamp
+        self.received[dst] = stamp if received is None else received
         if len(ours) < len(self.joint_names):
             self.partial += 1
         return len(ours)
@@ -85,23 +90,27 @@ class JointStateMerger:
         missing = [n for n, s in zip(self.joint_names, self.stamps) if not np.isfinite(s)]
         if missing:
             return f"no joint state yet for {missing}"
-        age = now - float(self.stamps.min())
-        if age > max_age:
-            oldest = self.joint_names[int(np.argmin(self.stamps))]
-            return f"joint states are {age:.3f} s old ({oldest}; max_age {max_age} s)"
+        ages = self._ages(now)
+        i = int(np.argmax(ages))
+        if ages[i] > max_age:
+            note = behind_note(now, float(self.stamps[i]), float(self.received[i]), max_age)
+            return f"joint states are {ages[i]:.3f} s old ({self.joint_names[i]}; max_age {max_age} s){note}"
         return None
 
+    def _ages(self, now: float) -> np.ndarray:
+        return np.maximum(now - self.stamps, now - self.received)
+
     def age(self, now: float) -> float:
-        return now - float(self.stamps.min()) if np.all(np.isfinite(self.stamps)) else float("inf")
+        return float(self._ages(now).max()) if np.all(np.isfinite(self.stamps)) else float("inf")
 
 
 class Frame:
     """The latest message of one camera; converted to RGB once, when a step first needs it."""
 
-    __slots__ = ("msg", "stamp", "rgb")
+    __slots__ = ("msg", "stamp", "received", "rgb")
 
-    def __init__(self, msg, stamp: float):
-        self.msg, self.stamp, self.rgb = msg, stamp, None
+    def __init__(self, msg, stamp: float, received: float):
+        self.msg, self.stamp, self.received, self.rgb = msg, stamp, received, None
 
 
 class _Stamp:
@@ -179,7 +188,7 @@ def _percentile(values, q: float) -> float:
 
 def make_node_class():
     """The rclpy node class (built lazily so ``JointStateMerger`` imports without ROS)."""
-    from rcl_interfaces.msg import ParameterDescriptor, ParameterType, SetParametersResult
+    from rcl_interfaces.msg import SetParametersResult
     from rclpy.duration import Duration
     from rclpy.event_handler import SubscriptionEventCallbacks
     from rclpy.node import Node
@@ -195,6 +204,7 @@ def make_node_class():
     from vqbet_ros import ros_convert
     from vqbet_ros.cpu_affinity import parse_cpus, pin_process
     from vqbet_ros.diagnostics import Diagnostics
+    from vqbet_ros.params import declare as declare_parameter
     from vqbet_ros.qos import incompatible_qos_warning, qos_from_parameters
     from vqbet_ros.trajectory import (SafetyLimits, UnsafeOutput, hold_trajectory, make_safe_trajectory,
                                       serialize_joint_trajectory)
@@ -220,6 +230,16 @@ def make_node_class():
                     raise VqbetError(f"parameter {name} must be one of {list(choices)}, got {p[name]!r}")
             if not p["max_age"] > 0:
                 raise VqbetError(f"parameter max_age must be > 0 seconds, got {p['max_age']}")
+            for name, ok, expected in (
+                    ("future_tolerance", p["future_tolerance"] >= 0, ">= 0 seconds"),
+                    ("control_hz", p["control_hz"] >= 0, ">= 0 (0 = the model's)"),
+                    ("velocity_scale", p["velocity_scale"] > 0, "> 0 (a fraction of the calibration velocity bound)"),
+                    ("hold_settle", p["hold_settle"] >= 0, ">= 0 seconds (0 = one control period)"),
+                    ("blend_exp_weight", p["blend_exp_weight"] >= 0, ">= 0"),
+                    ("diagnostics_period", p["diagnostics_period"] > 0, "> 0 seconds"),
+                    ("threads", p["threads"] >= 0, ">= 0 (0 = onnxruntime's default)")):
+                if not ok:
+                    raise VqbetError(f"parameter {name} must be {expected}, got {p[name]}")
             if p["cpus"]:  # before onnxruntime starts its threads; the DDS threads are moved too
                 try:
                     pin_process(parse_cpus(p["cpus"]))
@@ -262,12 +282,16 @@ def make_node_class():
             self.last_receive_wall = 0.0  # wall time the triggering frame arrived (for ~/step_timing)
             self.joints = JointStateMerger(calib.joint_names)
             self.frames: dict[str, Frame | None] = {c: None for c in self.cameras}
-            self.good: dict[str, tuple[np.ndarray, float] | None] = {c: None for c in self.cameras}
+            # latest good RGB frame per camera: (rgb, stamp, received on this node's clock)
+            self.good: dict[str, tuple[np.ndarray, float, float] | None] = {c: None for c in self.cameras}
             self.counts = {"steps": 0, "published": 0, "holds": 0, "stops": 0, "observe_errors": 0,
                            "rejected_outputs": 0, "late_chunks": 0, "clamped_values": 0, "rate_limited_values": 0,
                            "dropped_past_points": 0, "skipped_steps": 0, "internal_errors": 0}
             self.received = {s: 0 for s in self._streams()}
             self.bad = {s: 0 for s in self._streams()}
+            self.future = {s: 0 for s in self._streams()}  # of the bad: stamps beyond future_tolerance
+            self.offsets = {s: OffsetMeter() for s in self._streams()}  # stamp - receive time (clock offset)
+            self.future_at = {s: -np.inf for s in self._streams()}  # when the last future stamp arrived
             self.last_bad = ""
             self._rate_marks = (time.monotonic(), dict(self.received))
             self.latency_ms = deque(maxlen=500)
@@ -279,9 +303,11 @@ def make_node_class():
             for name in self.cameras:
                 cam = calib.cameras[name]
                 msg_type = CompressedImage if cam.compressed else Image
+                # raw (serialized) subscriptions: bytes rclpy cannot deserialize are a counted bad message here,
+                # not an exception inside the executor
                 self._subscribe(msg_type, cam.topic, image_qos, "image_qos", self._image_callback(name, cam.compressed),
-                                raw=not cam.compressed)
-            self._subscribe(JointState, p["joint_states_topic"], state_qos, "state_qos", self._on_joint_state)
+                                raw=True)
+            self._subscribe(JointState, p["joint_states_topic"], state_qos, "state_qos", self._on_joint_state, raw=True)
             self.traj_pub = self.create_publisher(JointTrajectory, p["trajectory_topic"],
                                                   QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE))
             self.timing_pub = self.create_publisher(Float64MultiArray, "~/step_timing", 50) if p["publish_timing"] else None
@@ -303,20 +329,23 @@ def make_node_class():
                 log.info(f"task sequence {self.sequence}")
             if p["enabled"]:
                 ok, message = self._set_enabled(True)
-                if ok:
-                    log.info(f"enabled at start: {message}")
-                else:
+                if not ok:
                     log.error(f"cannot start enabled: {message}")
+                self._ready_message = f"enabled at start: {message}" if ok else "NOT enabled (see above): call ~/enable"
             else:
-                log.info("disabled: call ~/enable (std_srvs/SetBool) with data: true to start commanding")
+                self._ready_message = "disabled: call ~/enable (std_srvs/SetBool) with data: true to start commanding"
+            # "ready" only once the executor runs this node's callbacks, so ~/enable answers from then on
+            self._ready_timer = self.create_timer(0.01, self._say_ready)
+
+        def _say_ready(self) -> None:
+            self._ready_timer.cancel()
+            self.destroy_timer(self._ready_timer)
+            self.get_logger().info(f"ready: {self._ready_message}")
 
         # -------------------------------------------------------------- parameters and checks
         def _declare_parameters(self) -> dict:
             def declare(name, default, description, array=False, any_type=False):
-                desc = ParameterDescriptor(description=description, dynamic_typing=any_type)
-                if array:
-                    desc.type = ParameterType.PARAMETER_STRING_ARRAY
-                return self.declare_parameter(name, default, desc).value
+                return declare_parameter(self, name, default, description, array, any_type)
 
             return {
                 "model": declare("model", "", "exported model folder (vqbet export)"),
@@ -327,7 +356,10 @@ def make_node_class():
                 "joint_states_topic": declare("joint_states_topic", "/joint_states", "measured joint states"),
                 "trajectory_topic": declare("trajectory_topic", "/arm_controller/joint_trajectory", "controller command"),
                 "stamp_source": declare("stamp_source", "header", "input ages from header stamps (0 = receive time) or receive"),
-                "max_age": declare("max_age", 0.5, "stop commanding when any input is older than this (s)"),
+                "max_age": declare("max_age", 0.5, "stop commanding when any input is older than this (s): "
+                                   "age = max(now - stamp, now - receive time)"),
+                "future_tolerance": declare("future_tolerance", 0.1, "a stamp more than this ahead of the receive "
+                                            "time is a bad message (s; sender clock ahead)"),
                 "velocity_scale": declare("velocity_scale", 1.0, "fraction of the calibration velocity bound allowed"),
                 "blend": declare("blend", "model", "overlapping chunks: model (model.yaml sampling.blend), average (paper), exp, none"),
                 "blend_exp_weight": declare("blend_exp_weight", 0.0, "exp blending: weight exp(-w * age in steps)"),
@@ -402,8 +434,25 @@ def make_node_class():
         def _now(self) -> float:
             return self.get_clock().now().nanoseconds * 1e-9
 
-        def _stamp(self, msg, now: float) -> float:
-            return ros_convert.choose_stamp(msg, int(now * 1e9), self.p["stamp_source"]) * 1e-9
+        def _stamp(self, stream: str, msg, now: float) -> float:
+            """The stamp an input is used by (clock rule: :mod:`vqbet_core.recording.clock`); measures the
+            stream's clock offset; a stamp beyond ``future_tolerance`` raises (a bad message)."""
+            raw = ros_convert.stamp_ns(msg)
+            if raw > 0:
+                self.offsets[stream].add(raw * 1e-9, now)
+            try:
+                return ros_convert.choose_stamp(msg, int(now * 1e9), self.p["stamp_source"],
+                                                int(self.p["future_tolerance"] * 1e9)) * 1e-9
+            except ros_convert.FutureStampError:
+                self.future[stream] += 1
+                self.future_at[stream] = now
+                raise
+
+        def _deserialize(self, raw, msg_type):
+            try:
+                return deserialize_message(raw, msg_type)
+            except Exception as exc:  # noqa: BLE001 - rclpy raises several kinds here
+                raise ros_convert.MessageError(f"{msg_type.__name__} message cannot be deserialized ({exc})") from None
 
         def _bad_message(self, stream: str, exc: Exception) -> None:
             self.bad[stream] += 1
@@ -433,21 +482,21 @@ def make_node_class():
                 now = self._now()
                 self.received[stream] += 1
                 try:
-                    if not compressed:  # serialized bytes (raw subscription): read in place, no pixel copy
+                    if compressed:  # header checks on arrival: every corrupt frame is counted, used or not
+                        msg = self._deserialize(msg, CompressedImage)
+                        ros_convert.check_compressed(msg)
+                    else:  # serialized bytes (raw subscription): read in place, no pixel copy
                         try:
                             msg = RawImage.parse(msg)
                         except ValueError:  # an encapsulation we do not parse ourselves, or a broken message
-                            try:
-                                msg = deserialize_message(msg, Image)
-                            except Exception as exc:  # noqa: BLE001 - rclpy raises several kinds here
-                                raise ros_convert.MessageError(f"image message cannot be deserialized ({exc})") from None
+                            msg = self._deserialize(msg, Image)
                         check_encoding(msg.encoding)
                         ros_convert.check_image(msg)
-                    stamp = self._stamp(msg, now)
+                    stamp = self._stamp(stream, msg, now)
                 except ros_convert.MessageError as exc:
                     self._bad_message(stream, exc)
                     return
-                self.frames[name] = Frame(msg, stamp)
+                self.frames[name] = Frame(msg, stamp, now)
                 if self.p["trigger"] == "camera" and name == self.cameras[0]:
                     # by frame stamps, not arrival times: a 30 Hz camera drives a 10 Hz policy with every 3rd
                     # frame, and arrival jitter does not skip frames when both rates are equal
@@ -458,22 +507,23 @@ def make_node_class():
             on_image.__name__ = f"on_image_{name}"
             return on_image
 
-        def _on_joint_state(self, msg) -> None:
+        def _on_joint_state(self, raw) -> None:
             now = self._now()
             self.received["joint_states"] += 1
             try:
-                self.joints.update(msg.name, msg.position, self._stamp(msg, now))
+                msg = self._deserialize(raw, JointState)
+                self.joints.update(msg.name, msg.position, self._stamp("joint_states", msg, now), now)
             except ValueError as exc:
                 self._bad_message("joint_states", exc)
 
-        def _frame(self, name: str, compressed: bool) -> tuple[np.ndarray, float] | None:
+        def _frame(self, name: str, compressed: bool) -> tuple[np.ndarray, float, float] | None:
             """Latest good RGB frame of a camera (converted once); a frame that fails to convert is skipped."""
             frame = self.frames[name]
             if frame is not None and frame.rgb is None:
                 self.frames[name] = None
                 try:
                     rgb = (ros_convert.compressed_to_rgb(frame.msg) if compressed else ros_convert.image_to_rgb(frame.msg))
-                    self.good[name] = (rgb, frame.stamp)
+                    self.good[name] = (rgb, frame.stamp, frame.received)
                 except ros_convert.MessageError as exc:
                     self._bad_message(f"camera_{name}", exc)
             return self.good[name]
@@ -484,10 +534,21 @@ def make_node_class():
                 good = self._frame(name, self.calibration.cameras[name].compressed)
                 if good is None:
                     return f"no image yet from camera {name} ({self.calibration.cameras[name].topic})"
-                age = now - good[1]
+                age = input_age(now, good[1], good[2])
                 if age > max_age:
-                    return f"camera {name} is {age:.3f} s old (max_age {max_age} s)"
-            return self.joints.problem(now, max_age)
+                    return (f"camera {name} is {age:.3f} s old (max_age {max_age} s)"
+                            f"{behind_note(now, good[1], good[2], max_age)}{self._future_note(f'camera_{name}', good[2])}")
+            problem = self.joints.problem(now, max_age)
+            if problem and np.all(np.isfinite(self.joints.received)):
+                problem += self._future_note("joint_states", float(self.joints.received.min()))
+            return problem
+
+        def _future_note(self, stream: str, received: float) -> str:
+            """Why a stream that still arrives is stale: its newer messages were refused for future stamps."""
+            if self.future_at[stream] <= received:
+                return ""
+            return (f"; its newer messages are stamped {self.offsets[stream].offset():.3f} s ahead of this node's "
+                    f"clock (refused: future_tolerance {self.p['future_tolerance']} s)")
 
         # -------------------------------------------------------------- control
         def _on_tick(self) -> None:
@@ -653,13 +714,16 @@ def make_node_class():
             values = {"enabled": self.enabled, "commanding": self.commanding, "state": self.stop_reason or "commanding",
                       "goal": self.sequence[self.goal_index] if self.sequence else "",
                       "goal_index": self.goal_index, "task_sequence": ",".join(self.sequence),
-                      "control_hz": self.control_hz, "providers": ",".join(self.runtime.providers)}
+                      "control_hz": self.control_hz, "providers": ",".join(self.runtime.providers),
+                      "max_age": self.p["max_age"], "future_tolerance": self.p["future_tolerance"]}
             for s in self._streams():
                 values[f"rate_{s}_hz"] = f"{(self.received[s] - before[s]) / dt:.2f}"
                 values[f"bad_{s}"] = self.bad[s]
+                values[f"future_stamps_{s}"] = self.future[s]
+                values[f"clock_offset_{s}_s"] = self.offsets[s].text()
             for name in self.cameras:
                 good = self.good[name]
-                values[f"age_camera_{name}_s"] = f"{now - good[1]:.3f}" if good else "inf"
+                values[f"age_camera_{name}_s"] = f"{input_age(now, good[1], good[2]):.3f}" if good else "inf"
             values["age_joint_states_s"] = f"{self.joints.age(now):.3f}"
             values["partial_joint_states"] = self.joints.partial
             values.update(self.counts)
@@ -708,52 +772,29 @@ def make_executor(kind: str, logger=None, context=None):
 
 
 def main(args=None) -> int:
-    import rclpy
-    from rclpy.executors import ExternalShutdownException
-    from rclpy.signals import SignalHandlerOptions
+    """SIGINT / SIGTERM as every vqbet node (``node_main.run_node``): the first one stops the spin loop, the
+    node sends its hold trajectory in ``finish()`` with the context still up, repeats are ignored."""
+    from vqbet_ros.node_main import run_node, spin_until_stopped
 
-    # Own SIGINT/SIGTERM handling: the handler only sets a flag that the spin loop checks, so the node can
-    # still publish its hold trajectory on the way out (rclpy's handler shuts the context down first), and
-    # no exception is raised in the middle of an rclpy call (that surfaces as a pybind11 RuntimeError).
-    rclpy.init(args=args, signal_handler_options=SignalHandlerOptions.NO)
-    stop = {"requested": False, "running": False}
+    executors = []
 
-    def _terminate(signum, frame):
-        stop["requested"] = True
-        if not stop["running"]:
-            raise KeyboardInterrupt  # still loading the model: just leave
-
-    signal.signal(signal.SIGTERM, _terminate)
-    signal.signal(signal.SIGINT, _terminate)
-    node, code, executor = None, 0, None
-    try:
-        node = make_node_class()()
+    def spin(node, stopping):
         executor = make_executor(node.p["executor"], node.get_logger())
+        executors.append(executor)
         executor.add_node(node)
-        stop["running"] = True
-        while rclpy.ok() and not stop["requested"]:
-            try:
-                executor.spin_once(timeout_sec=0.1)
-            except (KeyboardInterrupt, ExternalShutdownException):
-                raise
-            except Exception as exc:  # noqa: BLE001 - e.g. a message rclpy itself cannot take: never fatal
-                node.counts["internal_errors"] += 1
-                node.get_logger().error(f"executor: {type(exc).__name__}: {exc}", throttle_duration_sec=5.0)
-    except (KeyboardInterrupt, ExternalShutdownException):
-        pass
-    except VqbetError as exc:
-        print(f"policy_node: error: {exc}", file=sys.stderr)
-        code = 2
-    finally:
-        stop["running"] = False
-        if node is not None:
-            node.finish()
-            if executor is not None:
-                executor.shutdown()
-            node.destroy_node()
-        if rclpy.ok():
-            rclpy.shutdown()
-    return code
+
+        def on_error(exc):  # e.g. a message rclpy itself cannot take: never fatal
+            node.counts["internal_errors"] += 1
+            node.get_logger().error(f"executor: {type(exc).__name__}: {exc}", throttle_duration_sec=5.0)
+
+        spin_until_stopped(node, stopping, executor=executor, on_error=on_error)
+
+    def cleanup(node):
+        node.finish()
+        for executor in executors:
+            executor.shutdown()
+
+    return run_node("policy_node", make_node_class(), args, spin=spin, cleanup=cleanup)
 
 
 if __name__ == "__main__":

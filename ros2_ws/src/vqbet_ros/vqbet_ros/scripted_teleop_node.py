@@ -252,13 +252,10 @@ def make_node_class():
 
 
 def main(args=None) -> int:
-    import rclpy
+    from vqbet_ros.node_main import run_node, spin_until_stopped
 
-    from vqbet_ros.node_main import run_node
-
-    def spin(node):
-        while rclpy.ok() and not (node.finished and node.p["exit_when_done"]):
-            rclpy.spin_once(node, timeout_sec=0.1)
+    def spin(node, stopping):
+        spin_until_stopped(node, stopping, until=lambda: node.finished and node.p["exit_when_done"])
 
     return run_node("scripted_teleop_node", make_node_class(), args, spin=spin, cleanup=lambda node: node.env.close())
 
