@@ -65,10 +65,14 @@ def load_calibration(path: str | Path) -> Calibration:
     path = Path(path)
     if not path.exists():
         raise VqbetError(f"calibration file not found: {path}")
+    if not path.is_file():
+        raise VqbetError(f"calibration {path} is not a file (expected a calibration YAML)")
     try:
         raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise VqbetError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise VqbetError(f"{path}: expected a mapping (joint_names, joint_limits, cameras, ...), got {type(raw).__name__}")
     where = str(path)
     names = raw.get("joint_names")
     if not names or not all(isinstance(n, str) for n in names):

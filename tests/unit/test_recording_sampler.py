@@ -205,7 +205,7 @@ def test_bad_images_raise_one_line_message_errors():
     out = M.image_to_rgb(_img("yuv422", RGB[:, :, :2]), fallback=lambda m: RGB)
     np.testing.assert_array_equal(out, RGB)
     garbage = types.SimpleNamespace(format="jpeg", data=b"\x00\x01not a jpeg")
-    with pytest.raises(M.MessageError, match="cannot be decoded"):
+    with pytest.raises(M.MessageError, match="neither JPEG nor PNG"):  # found by the header checks
         M.compressed_to_rgb(garbage)
 
 
@@ -256,8 +256,10 @@ def test_joint_mapper_by_name():
 
 def test_stamp_choice():
     msg = _img("rgb8", RGB)
-    assert M.choose_stamp(msg, 99, "header") == 5_000_000_007
+    assert M.choose_stamp(msg, 5_000_000_099, "header") == 5_000_000_007
     assert M.choose_stamp(msg, 99, "receive") == 99
+    with pytest.raises(M.FutureStampError):  # 5 s ahead of the receive time (tests/unit/test_clock.py)
+        M.choose_stamp(msg, 99, "header")
     msg.header.stamp.sec = msg.header.stamp.nanosec = 0  # unset stamp (teleop trajectories): receive time
     assert M.choose_stamp(msg, 99, "header") == 99
 

@@ -25,6 +25,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="longest a tick waits for a quiet stream's next message, as the recorder does (s)")
     parser.add_argument("--stamp", choices=("header", "receive"), default="header",
                         help="sample messages by header stamp (zero stamps fall back to log time) or by log time")
+    parser.add_argument("--future-tolerance", type=float, default=0.1,
+                        help="a header stamp more than this ahead of its log time is a bad message, not used (s; "
+                             "docs/reference/safety.md)")
     parser.add_argument("--no-preprocess", action="store_true", help="store full camera frames (no crop/resize)")
     parser.add_argument("--task", default="", help="task label for episodes without one")
     parser.add_argument("--min-free-mb", type=float, default=1024.0, help="free disk needed to start an episode")
@@ -49,7 +52,7 @@ def run(args) -> int:
     options = BagOptions(
         joint_states_topic=args.joint_states, command_topic=args.command_topic, camera_topics=cameras,
         episode_topic=args.episode_topic, control_hz=args.control_hz, max_age=args.max_age, max_wait=args.max_wait,
-        stamp_source=args.stamp, preprocess=not args.no_preprocess, task=args.task,
+        stamp_source=args.stamp, future_tolerance=args.future_tolerance, preprocess=not args.no_preprocess, task=args.task,
         min_free_mb=args.min_free_mb, stop_free_mb=min(256.0, args.min_free_mb),
         workers=args.workers, segment_seconds=args.segment_seconds,
     )

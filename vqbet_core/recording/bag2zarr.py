@@ -37,6 +37,7 @@ from vqbet_core.errors import VqbetError
 from vqbet_core.recording.messages import (
     JointMapper,
     MessageError,
+    check_compressed,
     check_image,
     choose_stamp,
     command_kind,
@@ -76,6 +77,7 @@ class BagOptions:
     max_age: float = 0.1
     max_wait: float = 0.5
     stamp_source: str = "header"  # header | receive (= bag log time)
+    future_tolerance: float = 0.1  # a stamp more than this ahead of its log time is a bad message (clock rule)
     preprocess: bool = True
     task: str = ""
     min_free_mb: float = 1024.0
@@ -85,7 +87,7 @@ class BagOptions:
 
     def settings(self) -> dict:
         return {"max_age": self.max_age, "max_wait": self.max_wait, "stamp_source": self.stamp_source,
-                "preprocess_images": self.preprocess}
+                "future_tolerance": self.future_tolerance, "preprocess_images": self.preprocess}
 
 
 @dataclass
@@ -244,7 +246,9 @@ class _BagSession:
         if what == "command":
             return self.mapper.from_command(msg, self.command_kind)
         compressed = what == "compressed"
-        if not compressed:
+        if compressed:  # cheap header checks: every corrupt frame is counted, selected or not (as the nodes do)
+            check_compressed(msg)
+        else:
             check_image(msg)
         pre = self.preprocess[cam]
         bad_ids = self.bad_ids
@@ -272,7 +276,11 @@ class _BagSession:
         except Exception as exc:  # undeserializable bytes: a bad message, not a crash
             self._bad(stream, f"cannot deserialize {conn.msgtype}: {type(exc).__name__}: {exc}", ident)
             return
-        stamp = choose_stamp(msg, log_ns, self.opt.stamp_source)
+        try:  # the clock rule (vqbet_core.recording.clock): the log time is the receive time
+            stamp = choose_stamp(msg, log_ns, self.opt.stamp_source, int(self.opt.future_tolerance * NS))
+        except MessageError as exc:  # stamped in the future: not used, and it does not move the watermark
+            self._bad(stream, str(exc), ident)
+            return
         if self.bad_ids is not None and abs(stamp - log_ns) > min(SKEW_NS, self.sampler.max_wait_ns):
             self.skewed = True  # a single pass could judge this message late: the segments might not
         try:
@@ -500,6 +508,8 @@ def convert_bags(bags, calibration, out, options: BagOptions | None = None, prog
     options = options or BagOptions()
     if options.stamp_source not in ("header", "receive"):
         raise VqbetError(f"stamp source must be 'header' or 'receive', got {options.stamp_source!r}")
+    if not options.future_tolerance >= 0:
+        raise VqbetError(f"--future-tolerance must be >= 0 seconds, got {options.future_tolerance}")
     AnyReader, typestore = _rosbags()
     unknown = [n for n in options.camera_topics if n not in calibration.cameras]
     if unknown:

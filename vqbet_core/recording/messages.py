@@ -34,11 +34,30 @@ def stamp_ns(msg) -> int:
     return int(stamp.sec) * 1_000_000_000 + int(stamp.nanosec)
 
 
-def choose_stamp(msg, receive_ns: int, source: str) -> int:
+class FutureStampError(MessageError):
+    """A stamp further ahead of the receive time than the future tolerance (the clock rule, :mod:`.clock`)."""
+
+
+#: the default future tolerance in ns (:data:`vqbet_core.recording.clock.DEFAULT_FUTURE_TOLERANCE`)
+FUTURE_TOLERANCE_NS = 100_000_000
+
+
+def check_stamp(stamp_ns: int, receive_ns: int, future_tolerance_ns: int = FUTURE_TOLERANCE_NS) -> int:
+    """``stamp_ns``, or :class:`FutureStampError` when it is more than the tolerance ahead of ``receive_ns``."""
+    ahead = int(stamp_ns) - int(receive_ns)
+    if ahead > future_tolerance_ns:
+        raise FutureStampError(f"stamp is {ahead / 1e9:.3f} s ahead of the receive time (future_tolerance "
+                               f"{future_tolerance_ns / 1e9:g} s): the sender's clock runs ahead of this one")
+    return int(stamp_ns)
+
+
+def choose_stamp(msg, receive_ns: int, source: str, future_tolerance_ns: int = FUTURE_TOLERANCE_NS) -> int:
     """The time a message is sampled by: its header stamp, or the receive/log time.
 
     ``source='header'`` falls back to the receive time when the stamp is unset (zero), as teleop
-    ``JointTrajectory`` messages usually are ("start now").
+    ``JointTrajectory`` messages usually are ("start now"). A header stamp more than
+    ``future_tolerance_ns`` ahead of ``receive_ns`` raises :class:`FutureStampError` (a bad message:
+    counted, not used), the clock rule of :mod:`vqbet_core.recording.clock`.
     """
     if source == "receive":
         return int(receive_ns)
@@ -46,7 +65,7 @@ def choose_stamp(msg, receive_ns: int, source: str) -> int:
     if header is None:
         return int(receive_ns)
     value = stamp_ns(msg)
-    return value if value > 0 else int(receive_ns)
+    return check_stamp(value, receive_ns, future_tolerance_ns) if value > 0 else int(receive_ns)
 
 
 def _bytes(data) -> np.ndarray:
@@ -103,11 +122,72 @@ def image_to_rgb(msg, fallback: Callable[[object], np.ndarray] | None = None) ->
     return raw[:, :, 2::-1]  # bgra8
 
 
-def compressed_to_rgb(msg) -> np.ndarray:
-    """``sensor_msgs/CompressedImage`` (jpeg, png, ...) -> RGB uint8 ``(H, W, 3)`` via ``cv2.imdecode``."""
+JPEG_SOI, JPEG_EOI = b"\xff\xd8\xff", b"\xff\xd9"
+PNG_SIGNATURE, PNG_IEND = b"\x89PNG\r\n\x1a\n", b"IEND\xaeB`\x82"
+_JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+
+
+def _jpeg_size(buf: bytes) -> tuple[int, int]:
+    """(width, height) from the SOF segment, walking the header segments up to the scan; ValueError if broken."""
+    pos = 2
+    for _ in range(128):
+        if pos + 4 > len(buf) or buf[pos] != 0xFF:
+            break
+        marker = buf[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        length = int.from_bytes(buf[pos + 2 : pos + 4], "big")
+        if marker in _JPEG_SOF:
+            if length < 8 or pos + 9 > len(buf):
+                break
+            return int.from_bytes(buf[pos + 7 : pos + 9], "big"), int.from_bytes(buf[pos + 5 : pos + 7], "big")
+        if marker == 0xDA or length < 2:  # start of scan before any frame header
+            break
+        pos += 2 + length
+    raise ValueError("no frame header (SOF) before the image data")
+
+
+def check_compressed(msg) -> None:
+    """Cheap checks of a ``sensor_msgs/CompressedImage`` on arrival, without decoding it.
+
+    JPEG: start-of-image marker, a frame header with a positive size, end-of-image marker at the end
+    (a truncated JPEG has none). PNG: signature, IHDR with a positive size, IEND chunk at the end.
+    Anything else (no data, other formats) is a :class:`MessageError`. A frame that passes these but
+    still fails to decode is found when it is decoded (:func:`compressed_to_rgb`).
+    """
     buf = _bytes(msg.data)
+    what = f"compressed image ({msg.format or 'no format'}, {buf.size} bytes)"
     if buf.size == 0:
         raise MessageError(f"compressed image ({msg.format or 'no format'}) has no data")
+    end = buf[-4096:]
+    nonzero = np.flatnonzero(end)  # some drivers pad frames with zero bytes after the end marker
+    head, tail = bytes(buf[:64]), bytes(end[: (nonzero[-1] + 1) if nonzero.size else 0][-32:])
+    if head.startswith(JPEG_SOI):
+        try:
+            w, h = _jpeg_size(bytes(buf[: 1 << 16]))
+        except ValueError as exc:
+            raise MessageError(f"{what}: broken JPEG header: {exc}") from None
+        if w <= 0 or h <= 0:
+            raise MessageError(f"{what}: JPEG size {w}x{h} (expected a positive width and height)")
+        if JPEG_EOI not in tail:
+            raise MessageError(f"{what}: truncated JPEG (no end-of-image marker FFD9 at its end)")
+    elif head.startswith(PNG_SIGNATURE):
+        if buf.size < 8 + 25 + 12 or head[12:16] != b"IHDR":
+            raise MessageError(f"{what}: truncated PNG (no IHDR chunk after the signature)")
+        w, h = int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+        if w <= 0 or h <= 0:
+            raise MessageError(f"{what}: PNG size {w}x{h} (expected a positive width and height)")
+        if not tail.endswith(PNG_IEND):
+            raise MessageError(f"{what}: truncated PNG (no IEND chunk at its end)")
+    else:
+        raise MessageError(f"{what} is neither JPEG nor PNG (starts with {head[:4].hex()})")
+
+
+def compressed_to_rgb(msg) -> np.ndarray:
+    """``sensor_msgs/CompressedImage`` (jpeg, png) -> RGB uint8 ``(H, W, 3)`` via ``cv2.imdecode``."""
+    check_compressed(msg)
+    buf = _bytes(msg.data)
     bgr = cv2.imdecode(buf, cv2.IMREAD_COLOR)
     if bgr is None:
         raise MessageError(f"compressed image ({msg.format or 'no format'}, {buf.size} bytes) cannot be decoded")

@@ -22,7 +22,7 @@ import json
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
-from rcl_interfaces.msg import ParameterDescriptor, SetParametersResult
+from rcl_interfaces.msg import SetParametersResult
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
 from rclpy.task import Future
 from rclpy.node import Node
@@ -35,6 +35,7 @@ from trajectory_msgs.msg import JointTrajectory
 
 from vqbet_core.calibration import load_calibration
 from vqbet_core.errors import VqbetError
+from vqbet_core.recording.clock import OffsetMeter
 from vqbet_core.recording.sampler import (
     RECORDING_CHECK_KEYS,
     DiskFullError,
@@ -48,6 +49,7 @@ from vqbet_core.recording.sampler import (
 from vqbet_ros import ros_convert
 from vqbet_ros.diagnostics import Diagnostics
 from vqbet_ros.node_main import run_node
+from vqbet_ros.params import declare as declare_parameter
 from vqbet_ros.qos import incompatible_qos_warning, qos_from_parameters
 
 MB = 1024 * 1024
@@ -59,26 +61,20 @@ class RecorderNode(Node):
     def __init__(self, **kwargs):
         super().__init__("recorder_node", **kwargs)
         p = self._declare_parameters()
+        _check_parameters(p)
         self.calibration = load_calibration(p["calibration"])
         cams = [c for c in p["cameras"] if c] or list(self.calibration.cameras)
         unknown = [c for c in cams if c not in self.calibration.cameras]
         if unknown:
             raise VqbetError(f"parameter cameras: {unknown} not in calibration {p['calibration']} "
                              f"(has: {list(self.calibration.cameras)})")
-        if p["command_type"] not in ("JointState", "JointTrajectory"):
-            raise VqbetError(f"parameter command_type must be JointState or JointTrajectory, got {p['command_type']!r}")
-        if p["stamp_source"] not in ("header", "receive"):
-            raise VqbetError(f"parameter stamp_source must be 'header' or 'receive', got {p['stamp_source']!r}")
-        if p["on_shutdown"] not in ("commit", "discard"):
-            raise VqbetError(f"parameter on_shutdown must be 'commit' or 'discard', got {p['on_shutdown']!r}")
-        if not p["output"]:
-            raise VqbetError("parameter output is empty: give the path of the zarr dataset to create or append to")
         self.params = p
         # deep queues: a recorder that stalls for a moment catches up instead of losing frames
         image_qos = qos_from_parameters(self, "image_qos", "reliable", 30)
         state_qos = qos_from_parameters(self, "state_qos", "reliable", 500)
         self.control_hz = p["control_hz"] or self.calibration.control_hz
         self.stamp_source = p["stamp_source"]
+        self.future_tolerance_ns = int(p["future_tolerance"] * 1e9)
         self.command_type = p["command_type"]
         self.task = p["task"]
         self.mapper = ros_convert.JointMapper(self.calibration.joint_names)
@@ -88,6 +84,7 @@ class RecorderNode(Node):
         self.decode_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="decode")
         self.sampler.prefetch = self.decode_pool.submit
         settings = {"max_age": p["max_age"], "max_wait": p["max_wait"], "stamp_source": p["stamp_source"],
+                    "future_tolerance": p["future_tolerance"],
                     "preprocess_images": p["preprocess_images"], "command_topic": p["command_topic"],
                     "command_type": p["command_type"]}
         attrs = dataset_attrs(self.calibration, cams, self.control_hz, "recorder_node", settings)
@@ -102,6 +99,8 @@ class RecorderNode(Node):
         self.state = "idle"  # idle | recording | stopped (disk)
         self.last_error = ""
         self.latency = {}  # stream -> worst (receive - stamp) seconds since the last status
+        self.offsets = {s: OffsetMeter() for s in ("robot_joint", "action", *(camera_key(c) for c in cams))}
+        self.future = {}  # stream -> messages refused for a stamp beyond future_tolerance
         self._ending = None  # Future an end_episode call waits on
 
         for name in cams:
@@ -129,12 +128,18 @@ class RecorderNode(Node):
         self.add_on_set_parameters_callback(self._on_set_parameters)
         self.create_timer(1.0 / self.control_hz, self._on_tick)
         self.create_timer(p["status_period"], self._publish_status)
-        log.info("ready: call ~/start_episode, ~/end_episode, ~/discard_episode (or run record_keyboard)")
+        # "ready" only once the executor runs this node's callbacks, so its services answer from then on
+        self._ready_timer = self.create_timer(0.01, self._say_ready)
+
+    def _say_ready(self) -> None:
+        self._ready_timer.cancel()
+        self.destroy_timer(self._ready_timer)
+        self.get_logger().info("ready: call ~/start_episode, ~/end_episode, ~/discard_episode (or run record_keyboard)")
 
     # ------------------------------------------------------------------ parameters
     def _declare_parameters(self) -> dict:
         def declare(name, default, description):
-            return self.declare_parameter(name, default, ParameterDescriptor(description=description)).value
+            return declare_parameter(self, name, default, description, array=isinstance(default, list))
 
         return {
             "output": declare("output", "", "zarr dataset to create or append to"),
@@ -143,6 +148,8 @@ class RecorderNode(Node):
             "max_age": declare("max_age", 0.1, "a tick is dropped when a stream's latest message is older (s)"),
             "max_wait": declare("max_wait", 0.5, "longest a tick waits for a quiet stream's next message (s)"),
             "stamp_source": declare("stamp_source", "header", "header (zero stamps fall back to receive time) or receive"),
+            "future_tolerance": declare("future_tolerance", 0.1, "a stamp more than this ahead of the receive time "
+                                        "is a bad message, not recorded (s; sender clock ahead)"),
             "joint_states_topic": declare("joint_states_topic", "/joint_states", "measured joint states"),
             "command_topic": declare("command_topic", "/teleop/joint_command", "teleop command, becomes 'action'"),
             "command_type": declare("command_type", "JointState", "JointState or JointTrajectory"),
@@ -179,16 +186,31 @@ class RecorderNode(Node):
         self.sampler.bad(stream, str(exc), stamp)
         self.get_logger().warning(f"skipped a bad {stream} message: {exc}", throttle_duration_sec=5.0)
 
+    def _stamp(self, stream: str, msg, now: int) -> int:
+        """The clock rule (:mod:`vqbet_core.recording.clock`): measures the stream's clock offset; a stamp beyond
+        ``future_tolerance`` raises ``FutureStampError`` (a bad message, and its stamp does not move the watermark)."""
+        raw = ros_convert.stamp_ns(msg)
+        if raw > 0:
+            self.offsets[stream].add(raw, now)
+        try:
+            return ros_convert.choose_stamp(msg, now, self.stamp_source, self.future_tolerance_ns)
+        except ros_convert.FutureStampError:
+            self.future[stream] = self.future.get(stream, 0) + 1
+            raise
+
     def _image_callback(self, key: str, preprocess, compressed: bool):
         def callback(msg) -> None:
             now = self._now()
-            stamp = ros_convert.choose_stamp(msg, now, self.stamp_source)
-            if not compressed:
-                try:
-                    ros_convert.check_image(msg)
-                except ros_convert.MessageError as exc:
-                    self._bad(key, exc, stamp)
-                    return
+            try:
+                stamp = self._stamp(key, msg, now)
+            except ros_convert.MessageError as exc:
+                self._bad(key, exc)
+                return
+            try:  # cheap checks on arrival: every bad frame is counted, selected by a tick or not
+                ros_convert.check_compressed(msg) if compressed else ros_convert.check_image(msg)
+            except ros_convert.MessageError as exc:
+                self._bad(key, exc, stamp)
+                return
             self._latency(key, now, stamp)
             self.sampler.push(key, stamp, Lazy(lambda: ros_convert.frame_for_dataset(msg, preprocess, compressed)))
 
@@ -196,7 +218,11 @@ class RecorderNode(Node):
 
     def _on_joint_state(self, msg: JointState) -> None:
         now = self._now()
-        stamp = ros_convert.choose_stamp(msg, now, self.stamp_source)
+        try:
+            stamp = self._stamp("robot_joint", msg, now)
+        except ros_convert.MessageError as exc:
+            self._bad("robot_joint", exc)
+            return
         try:
             positions = ros_convert.joint_positions(msg, self.mapper)
         except ros_convert.MessageError as exc:
@@ -207,7 +233,11 @@ class RecorderNode(Node):
 
     def _on_command(self, msg) -> None:
         now = self._now()
-        stamp = ros_convert.choose_stamp(msg, now, self.stamp_source)
+        try:
+            stamp = self._stamp("action", msg, now)
+        except ros_convert.MessageError as exc:
+            self._bad("action", exc)
+            return
         try:
             positions = self.mapper.from_command(msg, self.command_type)
         except ros_convert.MessageError as exc:
@@ -379,6 +409,8 @@ class RecorderNode(Node):
             "last_bad": stats.last_bad,
             "disk_free_mb": round(self.writer.disk_free() / MB, 1),
             "max_latency_s": {k: round(v, 4) for k, v in self.latency.items()},
+            "clock_offset_s": {k: round(m.offset() * 1e-9, 4) for k, m in self.offsets.items() if m.offset() == m.offset()},
+            "future_stamps": dict(self.future),
             "last_error": self.last_error,
         }
 
@@ -410,6 +442,26 @@ class RecorderNode(Node):
                 self.writer.discard()
         self.decode_pool.shutdown(wait=False, cancel_futures=True)
         self.writer.close()
+
+
+def _check_parameters(p: dict) -> None:
+    """Every required / constrained parameter, before anything is opened: one line naming it and what is expected."""
+    if not p["calibration"]:
+        raise VqbetError("parameter calibration is empty: give the robot's calibration YAML (joint order, cameras)")
+    if not p["output"]:
+        raise VqbetError("parameter output is empty: give the path of the zarr dataset to create or append to")
+    for name, choices in (("command_type", ("JointState", "JointTrajectory")), ("stamp_source", ("header", "receive")),
+                          ("on_shutdown", ("commit", "discard"))):
+        if p[name] not in choices:
+            raise VqbetError(f"parameter {name} must be one of {list(choices)}, got {p[name]!r}")
+    for name, ok, expected in (("control_hz", p["control_hz"] >= 0, ">= 0 (0 = the calibration's)"),
+                               ("max_age", p["max_age"] > 0, "> 0 seconds"), ("max_wait", p["max_wait"] >= 0, ">= 0 seconds"),
+                               ("future_tolerance", p["future_tolerance"] >= 0, ">= 0 seconds"),
+                               ("status_period", p["status_period"] > 0, "> 0 seconds"),
+                               ("flush_every", p["flush_every"] >= 0, ">= 0 steps (0 = one second of steps)"),
+                               ("min_free_mb", p["min_free_mb"] >= 0, ">= 0 MB"), ("stop_free_mb", p["stop_free_mb"] >= 0, ">= 0 MB")):
+        if not ok:
+            raise VqbetError(f"parameter {name} must be {expected}, got {p[name]}")
 
 
 def _nonzero(counts: dict) -> dict:

@@ -18,9 +18,12 @@ from sensor_msgs.msg import CompressedImage, Image, JointState
 from vqbet_core.recording import messages as _m
 from vqbet_core.recording.messages import (  # noqa: F401 - re-exported for the nodes
     ENCODING_CHANNELS,
+    FutureStampError,
     JointMapper,
     MessageError,
+    check_compressed,
     check_image,
+    check_stamp,
     choose_stamp,
     command_kind,
     compressed_to_rgb,
