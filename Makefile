@@ -9,9 +9,15 @@ STAMP := $(VENV)/.installed
 export MUJOCO_GL ?= egl
 export PYOPENGL_PLATFORM ?= egl
 
+ROS2_LAUNCH ?= ../shared/ros2-jazzy-launch
+ROS2_STAMP := $(VENV)/.ros2_launch_installed
+
 .PHONY: venv demo demo-multipath test test-slow clean
 
-venv: $(STAMP)
+# `ros2 launch` + colcon for the launch tests (tests/launch) on machines without a ROS install: installed into
+# the venv when ../shared/ros2-jazzy-launch is beside the clone; without it (and without a ROS 2 on PATH) the
+# launch tests skip and say why.
+venv: $(STAMP) $(if $(wildcard $(ROS2_LAUNCH)/install.sh),$(ROS2_STAMP))
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -21,6 +27,13 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e ".[ros,sim,dev]" -e ros2_ws/src/vqbet_ros
 	$(BIN)/python -c "import torch, torchvision, zarr, onnxruntime, rclpy; print('venv ready: torch', torch.__version__, 'torchvision', torchvision.__version__)"
 	touch $(STAMP)
+
+# Again after every pip run above: that run puts back the lark-parser 0.12 that install.sh replaces with lark 1.x
+# (install.sh alone would see its marker and do nothing).
+$(ROS2_STAMP): $(STAMP) $(ROS2_LAUNCH)/src/SOURCES
+	rm -f $(VENV)/.ros2_jazzy_launch
+	bash $(ROS2_LAUNCH)/install.sh $(VENV)
+	touch $@
 
 # The main job: demonstrations -> VQ-BeT -> ONNX -> policy_node driving sim_robot_node over ROS 2 (loopback DDS).
 demo: venv
