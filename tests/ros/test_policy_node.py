@@ -125,6 +125,9 @@ class Peer:
         self.executor.add_node(self.node)
         self.joint_names, self.joints = list(joint_names), np.asarray(joints, np.float64)
         self.camera_on = True
+        self.joints_on = True
+        self.offset_ns = {"camera": 0, "joints": 0}  # added to the stamps: the sender's clock minus ours
+        self.sent_offset = {"camera": 0, "joints": 0}  # messages published with a non-zero offset
         self.trajectories: list[tuple[float, object]] = []  # (wall receive time, msg)
         self.diagnostics: list[dict] = []
         self.image_pub = self.node.create_publisher(Image, "/camera/image_raw", 10)
@@ -149,10 +152,15 @@ class Peer:
 
     def _publish_image(self) -> None:
         if self.camera_on:
-            self.image_pub.publish(self.ros_convert.rgb_to_image(self.rgb, self.now_ns(), "bgr8"))
+            offset = self.offset_ns["camera"]
+            self.sent_offset["camera"] += offset != 0
+            self.image_pub.publish(self.ros_convert.rgb_to_image(self.rgb, self.now_ns() + offset, "bgr8"))
 
     def _publish_joints(self) -> None:
-        self.joint_pub.publish(self.ros_convert.joint_state(self.joint_names, self.joints, self.now_ns()))
+        if self.joints_on:
+            offset = self.offset_ns["joints"]
+            self.sent_offset["joints"] += offset != 0
+            self.joint_pub.publish(self.ros_convert.joint_state(self.joint_names, self.joints, self.now_ns() + offset))
 
     def _on_diagnostics(self, msg) -> None:
         for status in msg.status:
@@ -550,6 +558,203 @@ def test_compressed_camera_trigger_mode_enabled_at_start_and_hold_on_sigint(tiny
         if proc.poll() is None:
             proc.kill()
             proc.wait(5)
+        executor.shutdown()
+        node.destroy_node()
+        rclpy.shutdown(context=context)
+
+
+# ---------------------------------------------------------------------- clocks and corrupt frames (issue 24)
+def _start_node(tiny_model, cal_path, env, log_path, *extra):
+    with open(log_path, "wb") as log:
+        return subprocess.Popen([sys.executable, "-m", "vqbet_ros.policy_node", "--ros-args", "-p", f"model:={tiny_model}",
+                                 "-p", f"calibration:={cal_path}", "-p", "enabled:=true", "-p", "task_sequence:=[microwave]",
+                                 "-p", "threads:=1", "-p", f"max_age:={MAX_AGE}", "-p", "diagnostics_period:=0.2", *extra],
+                                env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True)
+
+
+def _commanding_since(peer: Peer, t0: float) -> bool:
+    return any(not is_hold(msg) for _, msg in between(peer, t0, float("inf")))
+
+
+def test_clock_offset_never_extends_the_stale_input_stop(tiny_model, tmp_path):
+    """Issue 24.1: an input stamped 5 s ahead of (or behind) the node's clock for half a second, then silent.
+
+    Before: stamps 5 s ahead made the age negative and the node kept commanding for 5.3 s (max_age 0.3 s).
+    Now: stamps beyond future_tolerance are refused (counted), ages are max(now - stamp, now - receive), so
+    the hold comes within max_age + one control period of the first offset message, for each input and
+    both directions; the offset is reported in /diagnostics (clock_offset_<stream>_s)."""
+    cal_path = _calibration(tmp_path / "cal.yaml")
+    cal = load_calibration(cal_path)
+    env = ros_env()
+    log_path = tmp_path / "node.log"
+    proc = _start_node(tiny_model, cal_path, env, log_path)
+    peer = Peer(int(env["ROS_DOMAIN_ID"]), cal.joint_names, (cal.lower + cal.upper) / 2)
+    slack = 0.15  # DDS delivery and scheduling on a loaded 2-core machine
+    results = {}
+    try:
+        t0 = time.time()
+        peer.wait_for(lambda: _commanding_since(peer, t0) or proc.poll() is not None, 90, "commanding at start")
+        assert proc.poll() is None, log_path.read_text()[-3000:]
+        for stream, key in (("camera", "camera_front"), ("joints", "joint_states")):
+            for offset in (5.0, -5.0):
+                t_ready = time.time()
+                peer.wait_for(lambda: _commanding_since(peer, t_ready + 0.2), 20, f"commanding before {stream} {offset:+}")
+                sent_before = peer.sent_offset[stream]
+                t_off = time.time()
+                peer.offset_ns[stream] = int(offset * 1e9)
+                time.sleep(0.5)
+                t_stop = time.time()
+                if stream == "camera":
+                    peer.camera_on = False
+                else:
+                    peer.joints_on = False
+                n_offset = peer.sent_offset[stream] - sent_before
+                time.sleep(MAX_AGE + 1.2)
+                t_end = time.time()
+                after = between(peer, t_off, t_end)
+                diags = [d for d in peer.diagnostics if t_off + 0.1 < d["_time"] <= t_end]
+                results[stream, offset] = dict(
+                    regular=[t - t_off for t, msg in after if not is_hold(msg)],
+                    holds=[t - t_off for t, msg in after if is_hold(msg)], stop=t_stop - t_off, n_offset=n_offset,
+                    offsets=[float(d.get(f"clock_offset_{key}_s", "nan")) for d in diags],
+                    states=[d["state"] for d in diags], last=dict(diags[-1]))
+                peer.offset_ns[stream] = 0
+                peer.camera_on = peer.joints_on = True
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+        peer.close()
+    bound = MAX_AGE + PERIOD + slack
+    for (stream, offset), r in results.items():
+        what = f"{stream} {offset:+} s: {r}"
+        assert len(r["holds"]) == 1 and r["holds"][0] <= bound, what  # one hold, within max_age + one period
+        assert all(t < r["holds"][0] for t in r["regular"]), what  # and nothing after it
+        assert any(abs(o - offset) < 0.25 for o in r["offsets"]), what  # the offset is visible in /diagnostics
+        if offset > 0:  # every message stamped ahead was refused and counted, as a future stamp and a bad message
+            assert any("ahead of this node's clock" in s for s in r["states"]), what
+            assert r["n_offset"] >= 3, what
+        else:
+            assert any("clock offset?" in s for s in r["states"]), what
+    for (stream, offset), r in results.items():  # the figures (pytest -s)
+        print(f"clock offset {stream} {offset:+} s: hold {r['holds'][0]:.3f} s after the first offset message "
+              f"(bound {bound:.2f} s), last chunk {max(r['regular'], default=float('nan')):.3f} s, "
+              f"stream stopped at {r['stop']:.3f} s, offset seen {[round(o, 3) for o in r['offsets'][:3]]}")
+    assert int(results["camera", 5.0]["last"]["future_stamps_camera_front"]) == results["camera", 5.0]["n_offset"]
+    assert int(results["joints", 5.0]["last"]["future_stamps_joint_states"]) == results["joints", 5.0]["n_offset"]
+    assert int(results["joints", 5.0]["last"]["bad_camera_front"]) == results["camera", 5.0]["n_offset"]
+    assert int(results["joints", 5.0]["last"]["bad_joint_states"]) == results["joints", 5.0]["n_offset"]
+    assert int(results["joints", 5.0]["last"]["internal_errors"]) == 0
+
+
+def test_corrupt_compressed_frames_are_all_counted_on_arrival(tiny_model, tmp_path):
+    """Issue 24.2: with a compressed camera at 30 Hz and a 10 Hz policy, only a third of the frames are ever
+    decoded; the header checks on arrival count every corrupt one, each class exactly, and the node keeps
+    commanding. Also bytes that are no CompressedImage / JointState at all (raw subscriptions)."""
+    import rclpy
+    from rclpy.executors import SingleThreadedExecutor
+    from sensor_msgs.msg import CompressedImage, JointState
+    from trajectory_msgs.msg import JointTrajectory
+    from diagnostic_msgs.msg import DiagnosticArray
+
+    from vqbet_ros import ros_convert
+
+    cal_path = _calibration(tmp_path / "cal.yaml", compressed_topic="/cam/front/compressed")
+    cal = load_calibration(cal_path)
+    env = ros_env()
+    log_path = tmp_path / "node.log"
+    proc = _start_node(tiny_model, cal_path, env, log_path)
+    context = rclpy.Context()
+    rclpy.init(context=context, domain_id=int(env["ROS_DOMAIN_ID"]))
+    node = rclpy.create_node("corrupt_peer", context=context)
+    executor = SingleThreadedExecutor(context=context)
+    executor.add_node(node)
+    got, diags = [], []
+    node.create_subscription(JointTrajectory, "/arm_controller/joint_trajectory", lambda m: got.append(time.time()), 50)
+    node.create_subscription(DiagnosticArray, "/diagnostics", lambda m: diags.extend(
+        {kv.key: kv.value for kv in st.values} for st in m.status if st.name.startswith("policy_node")), 50)
+    img_pub = node.create_publisher(CompressedImage, "/cam/front/compressed", 10)
+    js_pub = node.create_publisher(JointState, "/joint_states", 10)
+    mid = (cal.lower + cal.upper) / 2
+    rgb = np.random.default_rng(3).integers(0, 255, (IMAGE_H, IMAGE_W, 3), dtype=np.uint8)
+    now = lambda: node.get_clock().now().nanoseconds  # noqa: E731
+    jpeg = bytes(ros_convert.rgb_to_compressed(rgb, 0, "jpeg").data)
+    png = bytes(ros_convert.rgb_to_compressed(rgb, 0, "png").data)
+    corrupt = {  # class -> the data of a CompressedImage that must be counted
+        "garbage": b"not an image at all",
+        "empty": b"",
+        "truncated_jpeg": jpeg[: len(jpeg) // 2],
+        "bare_png": png[:8],
+        "truncated_png": png[: len(png) - 20],
+        "jpeg_without_frame_header": jpeg[:2] + jpeg[-2:],
+    }
+    state = {"good": True}
+
+    def good_frame():
+        if state["good"]:
+            img_pub.publish(ros_convert.rgb_to_compressed(rgb, now(), "jpeg"))
+
+    node.create_timer(1 / 30, good_frame)
+    node.create_timer(0.01, lambda: js_pub.publish(ros_convert.joint_state(cal.joint_names, mid, now())))
+
+    def spin(seconds):
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            executor.spin_once(timeout_sec=0.01)
+
+    def bad_count(key):
+        return int(diags[-1][key]) if diags else -1
+
+    def settle(key, expected, what):
+        end = time.monotonic() + 20
+        while time.monotonic() < end and bad_count(key) < expected:
+            spin(0.05)
+        spin(0.6)  # the frames were not decoded later and counted again
+        assert bad_count(key) == expected, f"{what}: {bad_count(key)} counted, {expected} sent; {diags[-1]}"
+
+    counted = {}
+    try:
+        end = time.monotonic() + 90
+        while not got and time.monotonic() < end and proc.poll() is None:
+            spin(0.1)
+        assert got, f"no trajectory: {log_path.read_text()[-2000:]}"
+        t_first_bad = time.time()
+        sent = 0
+        for name, data in corrupt.items():
+            for _ in range(3):
+                msg = CompressedImage(format="jpeg" if "png" not in name else "png", data=data)
+                msg.header.stamp = ros_convert.ns_to_time(now())
+                img_pub.publish(msg)
+                sent += 1
+                spin(0.05)
+            settle("bad_camera_front", sent, name)
+            counted[name] = 3
+            assert int(diags[-1]["internal_errors"]) == 0
+        print(f"corrupt compressed frames counted: {bad_count('bad_camera_front')} of {sent} ({counted})")
+        for _ in range(3):  # bytes that do not deserialize as a CompressedImage at all
+            img_pub.publish(b"\x00\x01\x00\x00\xff\xff\xff\x7f")
+            spin(0.05)
+        settle("bad_camera_front", sent + 3, "undeserializable CompressedImage")
+        for _ in range(3):  # nor as a JointState
+            js_pub.publish(b"\x00\x01\x00\x00\xff\xff\xff\x7f")
+            spin(0.05)
+        settle("bad_joint_states", 3, "undeserializable JointState")
+        assert int(diags[-1]["internal_errors"]) == 0 and int(diags[-1]["future_stamps_camera_front"]) == 0
+        # the good frames in between kept it commanding: no stop at all
+        assert int(diags[-1]["stops"]) == 0 and sum(t > t_first_bad for t in got) >= 20
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
         executor.shutdown()
         node.destroy_node()
         rclpy.shutdown(context=context)
