@@ -8,6 +8,7 @@ import types
 import cv2
 import numpy as np
 import pytest
+import zarr
 
 from vqbet_core.calibration import load_calibration
 from vqbet_core.data.store import ZarrDataset
@@ -335,8 +336,10 @@ def test_episode_lists_trimmed_after_crash_between_attrs_and_commit(tmp_path, at
     assert ZarrDataset.open(out).attrs["episode_tasks"] == ["one"]
 
 
-def test_interrupted_commit_is_repaired(tmp_path, attrs):
-    """zarr grows meta/episode_ends before writing the entry; a crash in between leaves a 0 there."""
+def test_interrupted_commit_of_an_older_store_is_ignored(tmp_path, attrs):
+    """Stores written before the versioned layout: zarr grew meta/episode_ends before writing the entry, and a
+    kill in between left a 0 there. Readers ignore it (that episode was never committed); the next writer
+    cuts it, and plain zarr then shows a valid ReplayBuffer store."""
     out = tmp_path / "d.zarr"
     w = EpisodeWriter(out, attrs, min_free_mb=0, stop_free_mb=0, background=False)
     for e in range(2):

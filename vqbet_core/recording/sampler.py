@@ -296,11 +296,11 @@ class EpisodeResult:
 class EpisodeWriter:
     """Streams sampled steps into a :class:`ZarrDataset`, one episode at a time.
 
-    Crash safety is the store's contract: steps go into the arrays as they come (in batches of
-    ``flush_every``, on a background thread so the sampling clock never waits for the disk), and the
-    episode becomes visible only at :meth:`commit`. Opening the store truncates leftovers of an
-    interrupted episode. Per-episode task / source / note lists live in ``.zattrs`` and are written
-    *before* the commit point, so a crash between the two leaves an extra entry that the next open trims.
+    Crash safety is the store's contract (``vqbet_core.data.store``): steps go to disk as they come (in
+    batches of ``flush_every``, on a background thread so the sampling clock never waits for the disk),
+    past the arrays' visible length, and the episode becomes visible only at :meth:`commit`, whose
+    per-episode task / source / note lists in ``.zattrs`` switch in the same atomic step. A kill at any
+    moment leaves a store every reader accepts; the next open deletes the invisible leftovers.
     """
 
     def __init__(self, path: str | os.PathLike, attrs: Mapping, *, min_free_mb: float = 1024.0,
@@ -492,8 +492,8 @@ class EpisodeWriter:
             note = note or "truncated"
         meta = dict(self._meta, episode_notes=note)
         attrs = self.ds.attrs
-        self.ds.update_attrs({k: list(attrs.get(k) or [])[: self.ds.n_episodes] + [meta[k]] for k in EPISODE_LISTS})
-        index = self.ds.commit_episode()
+        lists = {k: list(attrs.get(k) or [])[: self.ds.n_episodes] + [meta[k]] for k in EPISODE_LISTS}
+        index = self.ds.commit_episode(lists)  # the lists switch with episode_ends, in one atomic step
         return EpisodeResult(index, length, note)
 
     def discard(self) -> EpisodeResult:
