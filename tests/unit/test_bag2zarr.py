@@ -68,7 +68,7 @@ def _trajectory(values, rng):
 
 def write_bag(path: Path, storage: str, seconds: float = 2.0, command: str = "JointTrajectory", t0: int = T0,
               markers=(), skip_topics=(), bad_joint_every: int = 0, seed: int = 0, bad_png_every: int = 0,
-              camera_lag_ns: int = 2 * MS):
+              camera_lag_ns: int = 2 * MS, future_joint_every: int = 0):
     """A bag like ``ros2 bag record`` writes: log time = stamp + a small transport latency.
 
     Returns {stream: [(stamp used for sampling, seq)]} of the good messages, for the reference."""
@@ -85,7 +85,7 @@ def write_bag(path: Path, storage: str, seconds: float = 2.0, command: str = "Jo
         used["camera_front"].append((stamp, k))
         ok, png = cv2.imencode(".png", bgr)
         if bad_png_every and k % bad_png_every == bad_png_every - 1:
-            png = np.frombuffer(b"not a png", np.uint8)  # fails only when a tick selects it
+            png = np.frombuffer(b"not a png", np.uint8)  # fails the header checks on arrival
         else:
             used["camera_wrist"].append((stamp + 1000, k))
         comp = T["sensor_msgs/msg/CompressedImage"](header=_header(stamp + 1000), format="png", data=png.reshape(-1))
@@ -104,8 +104,10 @@ def write_bag(path: Path, storage: str, seconds: float = 2.0, command: str = "Jo
         if bad:
             values = values.copy()
             values[1] = np.nan
-        events.append((stamp + MS // 2, "/joint_states", "sensor_msgs/msg/JointState", _jointstate(stamp, values, rng)))
-        if not bad:
+        future = future_joint_every and k % future_joint_every == future_joint_every - 1
+        header_stamp = stamp + 5_000 * MS if future else stamp  # a sender clock 5 s ahead: refused, counted
+        events.append((stamp + MS // 2, "/joint_states", "sensor_msgs/msg/JointState", _jointstate(header_stamp, values, rng)))
+        if not bad and not future:
             used["robot_joint"].append((stamp, k))
     for log, text in markers:
         events.append((log, "/episode", "std_msgs/msg/String", T["std_msgs/msg/String"](data=text)))
@@ -154,6 +156,28 @@ def test_bag_matches_the_sampling_rule(tmp_path, cal, storage, command, capsys):
     assert _run(tmp_path / "bag", "--calibration", cal, "--out", out) == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert report["ok"] and report["bad"]["robot_joint"] == 200 // 13
+    _check_against_reference(tmp_path, cal, out, used)
+
+
+def test_future_stamps_and_corrupt_frames_are_counted_and_not_used(tmp_path, cal, capsys):
+    """Issue 24 (clock rule, bad frames on arrival): joint states stamped 5 s ahead of their log time and PNGs
+    that are no PNG are each counted exactly, whether a tick would select them or not, and never stored."""
+    used = write_bag(tmp_path / "bag", "sqlite3", command="JointState", future_joint_every=7, bad_png_every=4)
+    out = tmp_path / "d.zarr"
+    assert _run(tmp_path / "bag", "--calibration", cal, "--out", out) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["ok"] and report["bad"] == {"robot_joint": 200 // 7, "camera_wrist": 60 // 4}, report
+    _check_against_reference(tmp_path, cal, out, used)
+    # a tolerance above the offset accepts them: then only the PNGs are bad
+    assert _run(tmp_path / "bag", "--calibration", cal, "--out", tmp_path / "e.zarr", "--future-tolerance", "6") == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["bad"] == {"camera_wrist": 60 // 4}, report
+    assert _run(tmp_path / "bag", "--calibration", cal, "--out", tmp_path / "f.zarr", "--future-tolerance", "-1") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--future-tolerance must be >= 0" in err[0], err
+
+
+def _check_against_reference(tmp_path, cal, out, used):
     ds = ZarrDataset.open(out)
     ds.validate(["camera_front", "camera_wrist", "robot_joint", "action", "timestamp"])
     assert ds.n_episodes == 1 and ds.attrs["source"] == "bag2zarr"
