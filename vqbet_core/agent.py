@@ -32,6 +32,7 @@ class TorchAgent:
         self.obs_keys = self.meta["obs_keys"]
         self.image_keys = self.meta["image_keys"]
         self.goal = None
+        self.completion: float | None = None  # the last step's completion score (models with the head)
         if self.image_keys:
             from vqbet_core.vision.preprocess import ImagePreprocess
 
@@ -42,10 +43,27 @@ class TorchAgent:
         """Restart the code-sampling generator (rollouts reseed per episode, so episodes are reproducible alone)."""
         self.generator.manual_seed(int(seed))
 
-    def reset(self, goal: np.ndarray | None = None) -> None:
+    def reset(self, goal=None) -> None:
         self.history.reset()
         if self.blender is not None:
             self.blender.reset()
+        self.completion = None
+        self.goal = None
+        if goal is not None:
+            self.set_goal(goal)
+
+    @property
+    def goal_vectors(self) -> dict:
+        """Named goals of the training data (``goal_vectors`` in its attrs), name -> raw vector."""
+        raw = (self.meta.get("dataset_attrs") or {}).get("goal_vectors") or {}
+        return {str(k): np.asarray(v, np.float32) for k, v in raw.items()}
+
+    def set_goal(self, goal) -> None:
+        """A goal name (from ``goal_vectors``) or a raw goal vector; the history is kept."""
+        if isinstance(goal, str):
+            if goal not in self.goal_vectors:
+                raise VqbetError(f"goal: unknown goal name '{goal}' (this model knows: {', '.join(self.goal_vectors) or 'none'})")
+            goal = self.goal_vectors[goal]
         self.goal = goal
 
     def fuse(self, obs: dict) -> np.ndarray:
@@ -74,7 +92,9 @@ class TorchAgent:
             if self.goal is None:
                 raise VqbetError("this model is goal-conditioned: pass a goal to reset(goal=...)")
             goal = torch.from_numpy(self.normalizer.normalize("goal", np.asarray(self.goal, np.float32))[None]).to(self.device)
-        chunk = self.policy.predict(x, goal, temperature=self.temperature, generator=self.generator)[0].cpu().numpy()
+        chunk, heads = self.policy.predict(x, goal, temperature=self.temperature, generator=self.generator, return_heads=True)
+        self.completion = None if heads.completion is None else float(heads.completion[0])
+        chunk = chunk[0].cpu().numpy()
         return self.normalizer.unnormalize("action", chunk)
 
     def act(self, obs: dict) -> np.ndarray:

@@ -31,6 +31,9 @@ DEFAULTS: dict = {
     "loss": {"primary": 5.0, "secondary": 0.5, "offset": 100.0, "focal_gamma": 2.0, "offset_codes": "sampled"},
     "bet": {"n_bins": 24, "offset_weight": 100.0},
     "sampling": {"temperature": 1.0, "sequential": True, "blend": "average"},  # blend: average | none
+    # subtask completion head (DESIGN.md section 9): horizon > 0 trains "the current subtask ends within
+    # `horizon` steps" from data/task_index (needs data.goal_key: task_index)
+    "completion": {"horizon": 0, "weight": 1.0, "hidden": 128},
     "train": {
         "seed": 0,
         "device": "auto",
@@ -93,6 +96,11 @@ def validate_config(cfg: dict, where: str = "config") -> None:
             raise ConfigError(f"{where}: {key} must be an integer >= 1, got {cfg[key]!r}")
     if not cfg["data"]["obs_keys"] and not cfg["data"]["image_keys"]:
         raise ConfigError(f"{where}: data.obs_keys and data.image_keys are both empty (need at least one observation)")
+    horizon = cfg["completion"].get("horizon")
+    if not isinstance(horizon, int) or isinstance(horizon, bool) or horizon < 0:
+        raise ConfigError(f"{where}: completion.horizon must be an integer >= 0 (0 = no completion head), got {horizon!r}")
+    if horizon and cfg["data"].get("goal_key") != "task_index":
+        raise ConfigError(f"{where}: completion.horizon > 0 learns from subtask labels: set data.goal_key: task_index")
     if cfg["gpt"]["n_embd"] % cfg["gpt"]["n_head"]:
         raise ConfigError(f"{where}: gpt.n_embd ({cfg['gpt']['n_embd']}) must be divisible by gpt.n_head ({cfg['gpt']['n_head']})")
 

@@ -7,16 +7,135 @@ from pathlib import Path
 
 import numpy as np
 
+from vqbet_core.errors import VqbetError
 from vqbet_core.sim.base import EpisodeResult, SimEnv
 
 
-def run_episode(env: SimEnv, agent, seed: int, limit: int, want_frames: bool = False
-                ) -> tuple[EpisodeResult, np.ndarray, list[np.ndarray]]:
+@dataclass(frozen=True)
+class SequenceSpec:
+    """An operator-ordered subtask sequence for each episode (DESIGN.md section 9).
+
+    ``order``: ``"random"`` (a random order of ``goal_count`` of the env's subtasks, drawn from the episode's
+    seed) or a list of names. ``advance``: ``"model"`` (the agent's completion score through
+    :class:`TaskSequencer`, as on the robot) or ``"oracle"`` (the env's ground truth).
+    """
+
+    order: str | tuple[str, ...] = "random"
+    advance: str = "model"
+    threshold: float = 0.5
+    debounce: float = 0.0  # seconds
+
+    def requested(self, env: SimEnv, seed: int) -> list[str]:
+        if self.order != "random":
+            return list(self.order)
+        names = list(env.task_names or [])
+        count = int(getattr(env, "goal_count", len(names)))
+        rng = np.random.default_rng([seed, 7])
+        return [names[i] for i in rng.permutation(len(names))[:count]]
+
+
+def run_sequence_episode(env: SimEnv, agent, seed: int, limit: int, seq: SequenceSpec, want_frames: bool = False
+                         ) -> tuple[EpisodeResult, np.ndarray, list[np.ndarray]]:
+    """One episode asked to do ``seq``'s subtasks in order; the goal advances as ``seq.advance`` says.
+
+    The episode ends when the env ends or the sequence is finished (the robot would hold). The result's
+    ``info`` gains ``requested``, ``in_order`` (requested subtasks done in the requested order, counted
+    from the first until the first one missing or out of order) and the advance events with the ground
+    truth, for :func:`summarize_sequences`.
+    """
+    from vqbet_core.runtime.sequencer import TaskSequencer
+
+    if not env.task_names:
+        raise VqbetError(f"--task-sequence: env '{env.name}' has no subtasks")
+    obs = env.reset(seed=seed)
+    if hasattr(agent, "reseed"):
+        agent.reseed(seed)
+    requested = seq.requested(env, seed)
+    sequencer = TaskSequencer(requested, known=list(agent.goal_vectors) or None, threshold=seq.threshold,
+                              debounce=seq.debounce)
+    agent.reset(sequencer.current)
+    period = 1.0 / float(getattr(env, "control_hz", 10.0))
+    key = env.obs_keys[0]
+    traj, frames = [np.asarray(obs[key]).copy()], []
+    done_at: dict[str, int] = {}  # subtask -> step after which the env reported it complete
+    advances: list[tuple[str, int]] = []  # (subtask left, step)
+    as_goal: list[str] = []
+    for t in range(limit):
+        if want_frames:
+            frames.append(env.render())
+        action = agent.act(obs)
+        before = len(env.completed)
+        obs, done = env.step(action)
+        for task in env.completed[before:]:
+            done_at.setdefault(task, t)
+            if task == sequencer.current:
+                as_goal.append(task)  # completed while it was the goal: the signal should fire
+        traj.append(np.asarray(obs[key]).copy())
+        current = sequencer.current
+        if seq.advance == "oracle":
+            advanced = current in env.completed and sequencer.advance(t * period, "oracle")
+        else:
+            advanced = sequencer.update(agent.completion, t * period)
+        if advanced:
+            advances.append((current, t))
+            if sequencer.current is not None:
+                agent.set_goal(sequencer.current)
+        if done or sequencer.finished:
+            break
+    result = env.result()
+    completed = list(env.completed)
+    in_order = 0
+    for want, got in zip(requested, completed):
+        if want != got:
+            break
+        in_order += 1
+    result.info.update(requested=requested, in_order=in_order, advance=seq.advance, done_at=done_at,
+                       advances=advances, completed_as_goal=as_goal)
+    return result, np.stack(traj), frames
+
+
+def summarize_sequences(results: list[EpisodeResult], demo_modes: list[str] | None = None) -> dict:
+    """Subtasks done in the requested order (mean), split by orders seen / unseen in the demos, and the
+    completion signal against the ground truth: precision (an advance on a subtask the env had completed
+    by then), recall (completed current subtasks the model advanced on) and delay (steps, advance minus
+    completion; negative = early)."""
+    seen_orders = {m for m in (demo_modes or []) if m}
+    out: dict = {"in_order_mean": float(np.mean([r.info["in_order"] for r in results])) if results else 0.0,
+                 "sequence_length": max((len(r.info["requested"]) for r in results), default=0)}
+    for label, pick in (("seen", True), ("unseen", False)):
+        chosen = [r.info["in_order"] for r in results if (">".join(r.info["requested"]) in seen_orders) == pick]
+        out[f"in_order_mean_{label}"] = float(np.mean(chosen)) if chosen else None
+        out[f"episodes_{label}"] = len(chosen)
+    model_runs = [r for r in results if r.info.get("advance") == "model"]
+    if model_runs:
+        n_adv = hits = caught = as_goal = 0
+        delays = []
+        for r in model_runs:
+            done_at, advanced = r.info["done_at"], {task for task, _ in r.info["advances"]}
+            for task, step in r.info["advances"]:
+                n_adv += 1
+                hits += task in done_at and done_at[task] <= step
+                if task in done_at:
+                    delays.append(step - done_at[task])
+            as_goal += len(r.info["completed_as_goal"])
+            caught += sum(task in advanced for task in r.info["completed_as_goal"])
+        out["completion_precision"] = hits / n_adv if n_adv else None
+        out["completion_recall"] = caught / as_goal if as_goal else None
+        out["completion_delay_mean_steps"] = float(np.mean(delays)) if delays else None
+        out["advances"] = n_adv
+    return out
+
+
+def run_episode(env: SimEnv, agent, seed: int, limit: int, want_frames: bool = False,
+                sequence: SequenceSpec | None = None) -> tuple[EpisodeResult, np.ndarray, list[np.ndarray]]:
     """One closed-loop episode on env seed ``seed``: result, low-dim trajectory (first obs key), frames.
 
     The agent's sampling generator is reseeded from the episode's seed (when it can be), so an episode's
     outcome depends on its seed only - not on which episodes ran before it or in which process.
+    With ``sequence``: the goal-conditioned subtask sequence of :func:`run_sequence_episode`.
     """
+    if sequence is not None:
+        return run_sequence_episode(env, agent, seed, limit, sequence, want_frames)
     obs = env.reset(seed=seed)
     if hasattr(agent, "reseed"):
         agent.reseed(seed)
@@ -35,7 +154,8 @@ def run_episode(env: SimEnv, agent, seed: int, limit: int, want_frames: bool = F
 
 
 def rollout(env: SimEnv, agent, episodes: int, seed: int = 0, max_steps: int | None = None,
-            frames_for: int = 0, progress: bool = False) -> tuple[list[EpisodeResult], list[np.ndarray], list[list[np.ndarray]]]:
+            frames_for: int = 0, progress: bool = False, sequence: SequenceSpec | None = None
+            ) -> tuple[list[EpisodeResult], list[np.ndarray], list[list[np.ndarray]]]:
     """Run ``episodes`` closed-loop episodes (env seeds seed, seed+1, ...).
 
     Returns results, the low-dim trajectories (first obs key per step) and rendered frames of the first
@@ -44,7 +164,7 @@ def rollout(env: SimEnv, agent, episodes: int, seed: int = 0, max_steps: int | N
     from tqdm.auto import tqdm
 
     limit = max_steps or env.max_steps
-    episodes_run = (run_episode(env, agent, seed + ep, limit, ep < frames_for) for ep in range(episodes))
+    episodes_run = (run_episode(env, agent, seed + ep, limit, ep < frames_for, sequence) for ep in range(episodes))
     return _collect(tqdm(episodes_run, total=episodes, desc="eval", disable=not progress, dynamic_ncols=True))
 
 
@@ -72,6 +192,7 @@ class RolloutSpec:
     temperature: float | None = None
     blend: bool | None = None
     threads: int | None = None  # intra-op threads of torch / onnxruntime in each worker (None: their default)
+    sequence: SequenceSpec | None = None  # operator-ordered subtasks (vqbet eval --task-sequence)
 
 
 def recorded_dataset_attrs(spec: RolloutSpec) -> dict:
@@ -139,13 +260,14 @@ def _init_worker(spec: RolloutSpec, limit: int | None, frames_for: int) -> None:
     if spec.threads:
         torch.set_num_threads(spec.threads)
     env = make_env(spec.env, **spec.env_args)
-    _WORKER.update(env=env, agent=make_agent(spec), limit=limit or env.max_steps, frames_for=frames_for)
+    _WORKER.update(env=env, agent=make_agent(spec), limit=limit or env.max_steps, frames_for=frames_for,
+                   sequence=spec.sequence)
 
 
 def _worker_episode(job: tuple[int, int]):
     ep, seed = job
     w = _WORKER
-    return run_episode(w["env"], w["agent"], seed, w["limit"], ep < w["frames_for"])
+    return run_episode(w["env"], w["agent"], seed, w["limit"], ep < w["frames_for"], w["sequence"])
 
 
 def parallel_rollout(spec: RolloutSpec, episodes: int, workers: int, seed: int = 0, max_steps: int | None = None,

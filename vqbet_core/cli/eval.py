@@ -24,6 +24,16 @@ def add_arguments(p) -> None:
     p.add_argument("--blend", choices=["average", "none"], default=None,
                    help="average overlapping chunks (the paper) or execute the newest chunk's first action "
                         "(default: the model's sampling.blend)")
+    p.add_argument("--task-sequence", default=None, metavar="random|A,B,C",
+                   help="goal-conditioned long-horizon evaluation: ask for these subtasks in this order (comma-separated "
+                        "names), or 'random' (a random order per episode, from its seed)")
+    p.add_argument("--advance", choices=["model", "oracle"], default="model",
+                   help="with --task-sequence: the goal advances on the model's completion score (model, as on the "
+                        "robot) or on the simulator's ground truth (oracle)")
+    p.add_argument("--completion-threshold", type=float, default=0.5,
+                   help="with --advance model: completion score that counts as 'subtask done'")
+    p.add_argument("--completion-debounce", type=float, default=0.0,
+                   help="with --advance model: seconds the score must stay above the threshold")
     p.add_argument("--device", default="cpu")
     p.add_argument("--workers", type=int, default=1,
                    help="rollout processes (episodes are spread over them; results equal one process's)")
@@ -60,10 +70,25 @@ def run(args) -> int:
     if args.episodes < 1:
         raise VqbetError(f"--episodes {args.episodes}: expected a positive number of episodes")
     workers = min(args.workers, args.episodes)
+    sequence = None
+    if args.task_sequence is not None:
+        from vqbet_core.evaluate import SequenceSpec
+
+        order = "random" if args.task_sequence.strip() == "random" else tuple(
+            t.strip() for t in args.task_sequence.split(",") if t.strip())
+        if not order:
+            raise VqbetError("--task-sequence: expected 'random' or comma-separated subtask names, got an empty list")
+        if not 0 < args.completion_threshold <= 1:
+            raise VqbetError(f"--completion-threshold {args.completion_threshold}: expected a score in (0, 1]")
+        if not args.completion_debounce >= 0:
+            raise VqbetError(f"--completion-debounce {args.completion_debounce}: expected seconds >= 0")
+        sequence = SequenceSpec(order, args.advance, args.completion_threshold, args.completion_debounce)
     spec = RolloutSpec(env=args.env, env_args={}, checkpoint=args.checkpoint, model=args.model, device=args.device,
                        temperature=args.temperature, blend=None if args.blend is None else args.blend == "average",
-                       threads=None if workers == 1 else max(1, (os.cpu_count() or 1) // workers))
+                       threads=None if workers == 1 else max(1, (os.cpu_count() or 1) // workers), sequence=sequence)
     attrs = recorded_dataset_attrs(spec)
+    if sequence is not None:
+        _check_sequence_model(spec, sequence, attrs)
     env_args, notices = evaluation_scene(args.env, attrs, parse_env_args(args.env_arg))
     for notice in notices:
         print(f"vqbet eval: {notice}", file=sys.stderr)
@@ -78,8 +103,13 @@ def run(args) -> int:
         torch.set_num_threads(max(1, torch.get_num_threads()))
         env = make_env(args.env, **env_args)
         results, trajectories, frames = rollout(env, agent, args.episodes, seed=args.seed, max_steps=args.max_steps,
-                                                frames_for=want_frames, progress=args.progress)
+                                                frames_for=want_frames, progress=args.progress, sequence=sequence)
     metrics = env_class(args.env).summarize(results, attrs.get("episode_modes"))
+    if sequence is not None:
+        from vqbet_core.evaluate import summarize_sequences
+
+        metrics = {"task_sequence": args.task_sequence, "advance": args.advance,
+                   **summarize_sequences(results, attrs.get("episode_modes")), **metrics}
     if args.plot:
         if args.env == "multipath":
             from vqbet_core.sim.multipath import plot_trajectories
@@ -97,3 +127,31 @@ def run(args) -> int:
         env.close()
     print(json.dumps({"env": args.env, "source": str(Path(args.checkpoint or args.model)), "env_args": env_args, **metrics}))
     return 0
+
+
+def _check_sequence_model(spec, sequence, attrs: dict) -> None:
+    """A sequence needs a model trained on subtask goals (and, to advance by itself, its completion head)."""
+    from vqbet_core.errors import VqbetError
+
+    names = attrs.get("task_names")
+    if not (attrs.get("goal_vectors") and names):
+        raise VqbetError(f"--task-sequence: {spec.checkpoint or spec.model} is not goal-conditioned on subtasks "
+                         "(train it with data.goal_key: task_index, e.g. --config kitchen_goal)")
+    if sequence.order != "random":
+        unknown = [t for t in sequence.order if t not in names]
+        if unknown:
+            raise VqbetError(f"--task-sequence: unknown subtask(s) {unknown} (the model knows: {', '.join(names)})")
+        if len(set(sequence.order)) != len(sequence.order):
+            raise VqbetError(f"--task-sequence: a subtask appears twice in {list(sequence.order)}")
+    if sequence.advance == "model":
+        if spec.checkpoint:
+            from vqbet_core.train.checkpoint import load_meta
+
+            horizon = int((load_meta(Path(spec.checkpoint))[0].get("completion") or {}).get("horizon") or 0)
+        else:
+            from vqbet_core.runtime.spec import load_spec
+
+            horizon = load_spec(spec.model, verify_hashes=False).completion_horizon
+        if not horizon:
+            raise VqbetError("--advance model: this model has no completion head (completion.horizon: 0); "
+                             "use --advance oracle or train with a completion horizon")

@@ -98,17 +98,25 @@ def _record_episode(env, expert, seed: int, keys: list[str], action_noise: float
     expert.reset(env, np.random.default_rng([seed, 1]))
     noise = np.random.default_rng([seed, 2])
     steps: dict[str, list] = {k: [] for k in keys + ["action"]}
-    for _ in range(env.max_steps):
+    marks: list[tuple[int, str]] = []  # (step, subtask) the env reported complete after that step's action
+    for t in range(env.max_steps):
         action = np.asarray(expert.act(obs), np.float32)
         for k in keys:
             steps[k].append(np.asarray(obs[k]))
         steps["action"].append(action)
         if action_noise > 0:
             action = (action + noise.normal(0.0, action_noise, action.shape)).astype(np.float32)
+        before = len(env.completed)
         obs, done = env.step(action)
+        marks.extend((t, task) for task in env.completed[before:])
         if done:
             break
-    return env.result(), {k: np.stack(v) for k, v in steps.items()}
+    episode = {k: np.stack(v) for k, v in steps.items()}
+    if env.task_names:  # long-horizon env: the subtask being done at each step (DESIGN.md section 9)
+        from vqbet_core.data.tasks import task_index_from_marks
+
+        episode["task_index"] = task_index_from_marks(len(episode["action"]), marks, env.task_names)
+    return env.result(), episode
 
 
 def run(args) -> int:

@@ -41,17 +41,17 @@ PARITY_TARGET = 1e-4
 class HeadsGraph(nn.Module):
     """``Policy.heads`` as a module with plain tensor outputs, for the ONNX exporter."""
 
-    def __init__(self, policy, with_goal: bool, with_secondary: bool):
+    def __init__(self, policy, with_goal: bool, with_secondary: bool, with_completion: bool = False):
         super().__init__()
         self.policy = policy
         self.with_goal = with_goal
         self.with_secondary = with_secondary
+        self.with_completion = with_completion
 
     def forward(self, obs: torch.Tensor, goal: torch.Tensor | None = None):
         h = self.policy.heads(obs, goal if self.with_goal else None)
-        if self.with_secondary:
-            return h.logits, h.secondary_given_primary, h.offsets
-        return h.logits, h.offsets
+        out = (h.logits,) + ((h.secondary_given_primary,) if self.with_secondary else ()) + (h.offsets,)
+        return out + ((h.completion,) if self.with_completion else ())
 
 
 def check_onnx_file(path: Path) -> None:
@@ -72,9 +72,11 @@ def export_policy_onnx(policy, path: Path, opset: int = DEFAULT_OPSET) -> list[s
     with torch.no_grad():
         probe = policy.heads(dummy, torch.zeros(2, policy.goal_dim) if policy.goal_dim else None)
     with_secondary = probe.secondary_given_primary is not None
-    graph = HeadsGraph(policy, policy.goal_dim > 0, with_secondary).eval()
+    with_completion = probe.completion is not None
+    graph = HeadsGraph(policy, policy.goal_dim > 0, with_secondary, with_completion).eval()
     names_in = ["obs"] + (["goal"] if policy.goal_dim else [])
-    names_out = ["logits"] + (["secondary_given_primary"] if with_secondary else []) + ["offsets"]
+    names_out = (["logits"] + (["secondary_given_primary"] if with_secondary else []) + ["offsets"]
+                 + (["completion"] if with_completion else []))
     args = (dummy, torch.zeros(2, policy.goal_dim)) if policy.goal_dim else (dummy,)
     import warnings
 
@@ -185,7 +187,7 @@ def parity_check(out_dir: Path, policy, normalizer, encoder, steps: int = 16, se
         goal_raw = raw("goal")
         rt.set_goal(goal_raw)
         goal_t = torch.from_numpy(normalizer.normalize("goal", goal_raw)[None].astype(np.float32))
-    err = {"actions": 0.0, "logits": 0.0, "offsets": 0.0, "secondary_given_primary": 0.0}
+    err = {"actions": 0.0, "logits": 0.0, "offsets": 0.0, "secondary_given_primary": 0.0, "completion": 0.0}
     argmax_agree = 0
     for step in range(steps):
         lowdim = {k: raw(k) for k in spec.obs_keys}
@@ -209,6 +211,8 @@ def parity_check(out_dir: Path, policy, normalizer, encoder, steps: int = 16, se
         err["actions"] = max(err["actions"], float(np.max(np.abs(act_t - act_o))))
         err["logits"] = max(err["logits"], float(np.max(np.abs(heads_t.logits.numpy() - heads_o["logits"]))))
         err["offsets"] = max(err["offsets"], float(np.max(np.abs(heads_t.offsets.numpy() - heads_o["offsets"]))))
+        if heads_t.completion is not None:
+            err["completion"] = max(err["completion"], float(np.max(np.abs(heads_t.completion.numpy() - heads_o["completion"]))))
         if heads_t.secondary_given_primary is not None:
             err["secondary_given_primary"] = max(err["secondary_given_primary"], float(np.max(np.abs(
                 heads_t.secondary_given_primary.numpy() - heads_o["secondary_given_primary"]))))
@@ -223,6 +227,7 @@ def parity_check(out_dir: Path, policy, normalizer, encoder, steps: int = 16, se
     want = policy.heads(torch.from_numpy(obs), None if goal_b is None else torch.from_numpy(goal_b)).logits.numpy()
     return {"max_abs_error": err["actions"], "steps": steps, "logits_max_abs_error": err["logits"],
             "offsets_max_abs_error": err["offsets"], "secondary_max_abs_error": err["secondary_given_primary"],
+            "completion_max_abs_error": err["completion"],
             "batch3_logits_max_abs_error": float(np.max(np.abs(got - want))),
             "argmax_codes_agree": f"{argmax_agree}/{steps}", "target": PARITY_TARGET}
 
@@ -240,12 +245,13 @@ def _prepare_out(out: Path) -> Path:
 
 def export_model(checkpoint: str | Path, out: str | Path, name: str | None = None, opset: int = DEFAULT_OPSET,
                  parity_steps: int = 16, max_error: float = 1e-3, seed: int = 0, image_size=None,
-                 eval_results: list[dict] | None = None) -> dict:
+                 eval_results: list[dict] | None = None, metadata: dict | None = None) -> dict:
     """Write ``out`` (policy.onnx, encoder.onnx for image models, arrays.npz, model.yaml, card.md).
 
     Returns the export report (files, parity figures). Raises ``VqbetError`` when the parity error
     exceeds ``max_error``. ``image_size`` retargets the image preprocessing and encoder to another size:
-    for latency benchmarks only (the policy was trained on features of the original size).
+    for latency benchmarks only (the policy was trained on features of the original size). ``metadata``:
+    dataset attrs that replace the checkpoint's (``joint_names``, ``control_hz``: ``vqbet export --joint-names``).
     """
     from vqbet_core.export.model_card import write_card
     from vqbet_core.train.checkpoint import load_policy
@@ -281,10 +287,11 @@ def export_model(checkpoint: str | Path, out: str | Path, name: str | None = Non
         for entry in files.values():
             entry["sha256"] = sha256_file(tmp / entry["file"])
 
-        attrs = dict(meta.get("dataset_attrs") or {})
+        attrs = {**dict(meta.get("dataset_attrs") or {}), **dict(metadata or {})}
         joint_names, joint_source = _joint_names(attrs, meta["action_key"], meta["action_dim"])
+        joint_source = "vqbet export --joint-names" if "joint_names" in (metadata or {}) else joint_source
         control_hz = attrs.get("control_hz")
-        hz_source = "dataset"
+        hz_source = "vqbet export --control-hz" if "control_hz" in (metadata or {}) else "dataset"
         if not isinstance(control_hz, (int, float)) or isinstance(control_hz, bool) or control_hz <= 0:
             control_hz, hz_source = 10.0, "default (the dataset has no control_hz)"
         n_layers = 1 if table.ndim == 2 else table.ndim - 1
@@ -312,6 +319,9 @@ def export_model(checkpoint: str | Path, out: str | Path, name: str | None = Non
             "goal_dim": int(policy.goal_dim),
             "goal_key": meta.get("goal_key"),
             "goal_names": sorted(goals),
+            # policy.onnx output `completion` (B,): P(the current subtask ends within `horizon` steps)
+            "completion": ({"horizon": int(cfg["completion"]["horizon"]), "output": "completion"}
+                           if "completion" in names_out else None),
             "codes": {"layers": int(n_layers), "n_codes": int(table.shape[0]), "sequential": sequential},
             "sampling": {"temperature": float(cfg["sampling"]["temperature"]), "sequential": sequential,
                          "blend": str(cfg["sampling"].get("blend", "average"))},

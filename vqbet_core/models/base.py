@@ -42,11 +42,14 @@ class Heads:
     ``log sum_p P(p) P(s | p)``, used only when sampling is asked to be non-sequential.
     ``offsets``: ``(B, L, C, W*A)`` per-layer, per-code offsets; the chunk offset is the sum over
     layers of the offsets of the chosen codes.
+    ``completion``: ``(B,)`` for models with a completion head (``completion.horizon > 0``): the
+    probability that the current subtask (the goal) ends within the horizon (``vqbet_core.data.tasks``).
     """
 
     logits: torch.Tensor
     secondary_given_primary: torch.Tensor | None
     offsets: torch.Tensor
+    completion: torch.Tensor | None = None  # (B,) probability that the current subtask ends soon, or None
 
 
 class Policy(nn.Module, ABC):
@@ -61,8 +64,49 @@ class Policy(nn.Module, ABC):
         self.obs_window = int(cfg["obs_window"])
         self.action_chunk = int(cfg["action_chunk"])
         self.register_buffer("tokenizer_frozen", torch.tensor(False))
+        self.completion_head: nn.Module | None = None  # built by subclasses with their GPT (_build_completion_head)
         self._frozen = False  # python mirror of the buffer: no device sync on every step
         self.register_load_state_dict_post_hook(lambda module, _keys: module._after_load())
+
+    # ---------------------------------------------------------------- subtask completion
+    def _build_completion_head(self, width: int) -> None:
+        """A small MLP on the GPT feature: does the current subtask end soon? Only with ``completion.horizon > 0``."""
+        ccfg = self.cfg.get("completion") or {}
+        if int(ccfg.get("horizon") or 0) > 0:
+            hidden = int(ccfg.get("hidden") or 128)
+            self.completion_head = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, 1))
+
+    def completion_parameters(self) -> list[nn.Parameter]:
+        return [] if self.completion_head is None else list(self.completion_head.parameters())
+
+    def _completion(self, feat: torch.Tensor) -> torch.Tensor | None:
+        """``(B,)`` completion probability from last-step features ``(B, E)``."""
+        return None if self.completion_head is None else torch.sigmoid(self.completion_head(feat)).squeeze(-1)
+
+    def _completion_loss(self, feats: torch.Tensor, done: torch.Tensor | None) -> tuple[torch.Tensor, dict]:
+        """Weighted BCE of the completion head on every history step ``feats (B, T, E)`` vs ``done (B, T)``.
+
+        ``done`` is 1 / 0, or NaN where a step belongs to another subtask than the goal (not scored).
+        """
+        zero = torch.zeros((), device=feats.device)
+        if self.completion_head is None or done is None:
+            return zero, {}
+        import torch.nn.functional as F
+
+        logits = self.completion_head(feats).squeeze(-1)
+        mask = ~torch.isnan(done)
+        if not bool(mask.any()):
+            return zero, {}
+        target = done[mask]
+        bce = F.binary_cross_entropy_with_logits(logits[mask], target)
+        with torch.no_grad():
+            pred = logits[mask] > 0
+            pos = target > 0.5
+            tp = (pred & pos).sum()
+            metrics = {"completion_loss": bce.detach(),
+                       "completion_recall": tp / pos.sum().clamp(min=1),
+                       "completion_precision": tp / pred.sum().clamp(min=1)}
+        return float(self.cfg["completion"].get("weight", 1.0)) * bce, metrics
 
     # ---------------------------------------------------------------- freezing
     def tokenizer_modules(self) -> list[nn.Module]:
@@ -120,8 +164,12 @@ class Policy(nn.Module, ABC):
 
     # ---------------------------------------------------------------- phase 2
     @abstractmethod
-    def policy_loss(self, obs: torch.Tensor, goal: torch.Tensor | None, actions: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        """Phase-2 loss over every history step; returns (loss, scalar metrics for logging)."""
+    def policy_loss(self, obs: torch.Tensor, goal: torch.Tensor | None, actions: torch.Tensor,
+                    done: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+        """Phase-2 loss over every history step; returns (loss, scalar metrics for logging).
+
+        ``done (B, T)``: completion targets for the completion head (see ``_completion_loss``), or None.
+        """
 
     @abstractmethod
     def policy_parameters(self) -> list[nn.Parameter]:
@@ -145,11 +193,13 @@ class Policy(nn.Module, ABC):
 
     @torch.no_grad()
     def predict(self, obs: torch.Tensor, goal: torch.Tensor | None, temperature: float = 1.0,
-                generator: torch.Generator | None = None, sequential: bool | None = None) -> torch.Tensor:
-        """Sample codes and decode: returns the normalized action chunk ``(B, W, A)`` for the last step."""
+                generator: torch.Generator | None = None, sequential: bool | None = None, return_heads: bool = False):
+        """Sample codes and decode: returns the normalized action chunk ``(B, W, A)`` for the last step
+        (and the :class:`Heads` it came from, with ``return_heads``: the completion score lives there)."""
         from vqbet_core.models.sampling import sample_and_decode
 
         h = self.heads(obs, goal)
-        return sample_and_decode(h, self.decode_table(), self.action_chunk, self.action_dim,
-                                 temperature=temperature, generator=generator,
-                                 sequential=self.cfg.get("sampling", {}).get("sequential", True) if sequential is None else sequential)
+        chunk = sample_and_decode(h, self.decode_table(), self.action_chunk, self.action_dim,
+                                  temperature=temperature, generator=generator,
+                                  sequential=self.cfg.get("sampling", {}).get("sequential", True) if sequential is None else sequential)
+        return (chunk, h) if return_heads else chunk

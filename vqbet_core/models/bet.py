@@ -43,9 +43,10 @@ class BeTPolicy(Policy):
                        float(gpt["dropout"]), goal_dim)
         self.bin_head = nn.Linear(int(gpt["n_embd"]), self.n_bins)
         self.offset_head = nn.Linear(int(gpt["n_embd"]), self.n_bins * self.chunk_dim)
+        self._build_completion_head(int(gpt["n_embd"]))
 
     def policy_parameters(self) -> list[nn.Parameter]:
-        return [p for m in (self.gpt, self.bin_head, self.offset_head) for p in m.parameters()]
+        return [p for m in (self.gpt, self.bin_head, self.offset_head) for p in m.parameters()] + self.completion_parameters()
 
     def offset_head_parameters(self) -> list[nn.Parameter]:
         return list(self.offset_head.parameters())
@@ -102,8 +103,9 @@ class BeTPolicy(Policy):
         return self.bin_head(feats), self.offset_head(feats).reshape(feats.shape[0], self.n_bins, self.chunk_dim)
 
     def heads(self, obs: torch.Tensor, goal: torch.Tensor | None) -> Heads:
-        logits, offsets = self._outputs(self.gpt(obs, goal)[:, -1])
-        return Heads(logits.unsqueeze(1), None, offsets.unsqueeze(1))
+        feat = self.gpt(obs, goal)[:, -1]
+        logits, offsets = self._outputs(feat)
+        return Heads(logits.unsqueeze(1), None, offsets.unsqueeze(1), self._completion(feat))
 
     @torch.no_grad()
     def decode_table(self) -> torch.Tensor:
@@ -111,19 +113,22 @@ class BeTPolicy(Policy):
         return self.centers.clone()
 
     # ---------------------------------------------------------------- phase 2
-    def policy_loss(self, obs: torch.Tensor, goal: torch.Tensor | None, actions: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    def policy_loss(self, obs: torch.Tensor, goal: torch.Tensor | None, actions: torch.Tensor,
+                    done: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
         check_actions(actions, obs, self.action_chunk, self.action_dim)
         feats = self.gpt(obs, goal)
+        completion_loss, completion_metrics = self._completion_loss(feats, done)
         logits, offsets = self._outputs(feats.reshape(-1, feats.shape[-1]))
         chunks = actions.reshape(-1, self.chunk_dim).float()
         true = self.nearest_bin(chunks)
         rows = torch.arange(len(true), device=true.device)
         bin_loss = focal_loss(logits, true, float(self.cfg["loss"]["focal_gamma"]))
         offset_loss = F.mse_loss(offsets[rows, true], chunks - self.centers[true])
-        loss = bin_loss + float(self.cfg["bet"]["offset_weight"]) * offset_loss
+        loss = bin_loss + float(self.cfg["bet"]["offset_weight"]) * offset_loss + completion_loss
         with torch.no_grad():
             best = logits.argmax(-1)
             metrics = {"bin_loss": bin_loss.detach(), "offset_loss": offset_loss.detach(),
                        "bin_acc": (best == true).float().mean(),
-                       "action_l1_argmax": F.l1_loss(self.centers[best] + offsets[rows, best], chunks)}
+                       "action_l1_argmax": F.l1_loss(self.centers[best] + offsets[rows, best], chunks),
+                       **completion_metrics}
         return loss, metrics

@@ -77,6 +77,7 @@ class VQBeTPolicy(Policy):
         else:
             self.code_head = head_mlp(width, hidden, L * C)
         self.offset_head = head_mlp(width, hidden, L * C * self.chunk_dim)
+        self._build_completion_head(width)
 
     # ---------------------------------------------------------------- parts
     def tokenizer_modules(self) -> list[nn.Module]:
@@ -92,7 +93,7 @@ class VQBeTPolicy(Policy):
 
     def policy_parameters(self) -> list[nn.Parameter]:
         modules = [self.gpt, *self._code_heads(), self.offset_head]
-        return [p for m in modules for p in m.parameters()]
+        return [p for m in modules for p in m.parameters()] + self.completion_parameters()
 
     def offset_head_parameters(self) -> list[nn.Parameter]:
         return list(self.offset_head.parameters())
@@ -161,8 +162,9 @@ class VQBeTPolicy(Policy):
         feat = self.gpt(obs, goal)[:, -1]
         batch, C = feat.shape[0], self.n_codes
         offsets = self._offsets(feat)
+        completion = self._completion(feat)
         if not self.sequential:
-            return Heads(self.code_head(feat).reshape(batch, self.n_layers, C), None, offsets)
+            return Heads(self.code_head(feat).reshape(batch, self.n_layers, C), None, offsets, completion)
         first = self.primary_head(feat)
         onehots = torch.eye(C, device=feat.device, dtype=feat.dtype).unsqueeze(0).expand(batch, C, C)
         given = self.secondary_head(torch.cat([feat.unsqueeze(1).expand(batch, C, feat.shape[-1]), onehots], dim=-1))
@@ -170,7 +172,7 @@ class VQBeTPolicy(Policy):
         parts = [first.unsqueeze(1), marginal.unsqueeze(1)]
         if self.rest_head is not None:
             parts.append(self.rest_head(feat).reshape(batch, self.n_layers - 2, C))
-        return Heads(torch.cat(parts, dim=1), given, offsets)
+        return Heads(torch.cat(parts, dim=1), given, offsets, completion)
 
     @torch.no_grad()
     def decode_table(self) -> torch.Tensor:
@@ -180,11 +182,13 @@ class VQBeTPolicy(Policy):
         return self.tokenizer.decode(grid).reshape((C,) * L + (self.chunk_dim,))
 
     # ---------------------------------------------------------------- phase 2
-    def policy_loss(self, obs: torch.Tensor, goal: torch.Tensor | None, actions: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    def policy_loss(self, obs: torch.Tensor, goal: torch.Tensor | None, actions: torch.Tensor,
+                    done: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
         check_actions(actions, obs, self.action_chunk, self.action_dim)
         w = self.cfg["loss"]
         gamma = float(w["focal_gamma"])
         feats = self.gpt(obs, goal)
+        completion_loss, completion_metrics = self._completion_loss(feats, done)
         feats = feats.reshape(-1, feats.shape[-1])
         chunks = actions.reshape(-1, self.chunk_dim).float()
         true = self.tokenizer.encode(chunks)
@@ -201,7 +205,7 @@ class VQBeTPolicy(Policy):
             offset_loss = F.l1_loss(self._decode(offsets, sampled), chunks)
             if self.offset_codes == "both":
                 offset_loss = 0.5 * (offset_loss + F.l1_loss(self._decode(offsets, true), chunks))
-        loss = float(w["primary"]) * primary_loss + float(w["secondary"]) * secondary_loss + float(w["offset"]) * offset_loss
+        loss = float(w["primary"]) * primary_loss + float(w["secondary"]) * secondary_loss + float(w["offset"]) * offset_loss + completion_loss
         with torch.no_grad():
             best = self._choose(feats, logits, sample=False)
             metrics = {
@@ -210,5 +214,6 @@ class VQBeTPolicy(Policy):
                 "primary_acc": (best[:, 0] == true[:, 0]).float().mean(),
                 "pair_acc": (best == true).all(dim=1).float().mean(),
                 "action_l1_argmax": F.l1_loss(self._decode(offsets, best), chunks),
+                **completion_metrics,
             }
         return loss, metrics

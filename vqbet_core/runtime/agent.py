@@ -32,6 +32,19 @@ class RuntimeAgent:
         self.runtime.reset(goal)
         self.step = 0
 
+    def set_goal(self, goal) -> None:
+        """Change the goal (a name or a vector) mid-episode, keeping the history (the next subtask)."""
+        self.runtime.set_goal(goal)
+
+    @property
+    def goal_vectors(self) -> dict:
+        return self.model.goal_vectors
+
+    @property
+    def completion(self) -> float | None:
+        """The last step's completion score, or None for a model without the completion head."""
+        return self.runtime.completion
+
     def act(self, obs: dict) -> np.ndarray:
         """One control step: the action to apply now (blended over the overlapping chunks)."""
         spec = self.model

@@ -94,6 +94,7 @@ class PolicyRuntime:
         self.last_stamp: float | None = None
         self.last_timings: dict[str, float] = {}
         self._observe_timings: dict[str, float] = {}
+        self.completion: float | None = None  # the last predict()'s completion score (models with the head)
         log.info("vqbet runtime: model %s (%s, %s) on onnxruntime providers %s", self.spec.path, self.spec.kind,
                  "images " + ",".join(self.spec.image_keys) if self.spec.image_keys else "state only", self.providers)
 
@@ -105,6 +106,7 @@ class PolicyRuntime:
         self.last_stamp = None
         self.last_timings = {}
         self._observe_timings = {}
+        self.completion = None
         if goal is not None:
             self.set_goal(goal)
 
@@ -210,6 +212,8 @@ class PolicyRuntime:
         t0 = time.perf_counter()
         heads = self.heads()
         t_policy = _ms(t0)
+        if "completion" in heads:  # P(the current subtask ends within the model's completion horizon)
+            self.completion = float(heads["completion"][0])
         t1 = time.perf_counter()
         actions = self.decode(heads, self.choose_codes(heads))
         t_sample = _ms(t1)

@@ -9,6 +9,7 @@ Layout::
 
     model.yaml    metadata (this module), written by vqbet_core.export
     policy.onnx   obs (B, T, D) [+ goal (B, G)] -> logits (B, L, C) [, secondary_given_primary (B, C, C)], offsets (B, L, C, W*A)
+                  [, completion (B,)]
     encoder.onnx  image (B, 3, H, W) -> features (B, 512)          (image models only)
     arrays.npz    norm/<key>.mean|std, decode_table (C,)*L + (W*A,), goal/<name>   (np.load, no pickle)
 
@@ -75,6 +76,7 @@ class ModelSpec:
     decode_table: np.ndarray
     blend: str = "average"  # default chunk blending for rollouts: average (the paper) | none
     goal_vectors: dict[str, np.ndarray] = field(default_factory=dict)
+    completion_horizon: int = 0  # > 0: policy.onnx also outputs `completion` (DESIGN.md section 9)
 
     @property
     def period(self) -> float:
@@ -250,12 +252,19 @@ def load_spec(model_dir: str | Path, verify_hashes: bool = True) -> ModelSpec:
         if not (folder / files[key]["file"]).is_file():
             raise ModelFolderError(f"{folder / files[key]['file']}: file is missing ({where} lists it under files.{key})")
 
+    completion = meta.get("completion")
+    if completion is not None and not (isinstance(completion, dict) and isinstance(completion.get("horizon"), int)
+                                       and completion["horizon"] > 0):
+        raise _fail(where, f"completion must be null or {{horizon: steps > 0, output: completion}}, got {completion!r}")
+    completion_horizon = int(completion["horizon"]) if completion else 0
+
     return ModelSpec(path=folder, meta=meta, name=str(meta.get("name", folder.name)), kind=kind, obs_keys=obs_keys,
                      obs_dims={k: int(v) for k, v in obs_dims.items()}, image_keys=image_keys, preprocess=preprocess,
                      feature_dim=feature_dim, obs_dim=obs_dim, obs_window=obs_window, action_dim=action_dim,
                      action_chunk=action_chunk, joint_names=joint_names, control_hz=float(control_hz), goal_dim=goal_dim,
                      goal_names=goal_names, n_layers=n_layers, n_codes=n_codes, sequential=sequential,
-                     temperature=float(temperature), blend=blend, normalizer=normalizer, decode_table=table, goal_vectors=goal_vectors)
+                     temperature=float(temperature), blend=blend, normalizer=normalizer, decode_table=table, goal_vectors=goal_vectors,
+                     completion_horizon=completion_horizon)
 
 
 # ---------------------------------------------------------------------- graph checks
@@ -284,6 +293,8 @@ def check_policy_graph(spec: ModelSpec, session) -> list[str]:
     want_out = {"logits": [None, L, C], "offsets": [None, L, C, WA]}
     if spec.sequential:
         want_out["secondary_given_primary"] = [None, C, C]
+    if spec.completion_horizon:
+        want_out["completion"] = [None]
     for kind, want, got in (("input", want_in, inputs), ("output", want_out, outputs)):
         if set(want) != set(got):
             raise ModelFolderError(f"{f}: graph {kind}s are {sorted(got)} but model.yaml implies {sorted(want)}")

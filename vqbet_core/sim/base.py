@@ -99,6 +99,16 @@ class SimEnv(ABC):
     @abstractmethod
     def make_expert(self) -> Expert: ...
 
+    @property
+    def task_names(self) -> list[str] | None:
+        """Subtask names of a long-horizon env (DESIGN.md section 9); None when episodes have no subtasks."""
+        return None
+
+    @property
+    def completed(self) -> list[str]:
+        """Subtasks completed so far this episode, in completion order (ground truth; empty without subtasks)."""
+        return []
+
     def render(self) -> np.ndarray:
         """RGB frame ``(H, W, 3)`` uint8 for videos / contact sheets."""
         raise NotImplementedError(f"{self.name} has no renderer")

@@ -177,6 +177,10 @@ class KitchenEnv(SimEnv):
         return self._max_steps
 
     @property
+    def task_names(self) -> list[str]:
+        return list(self.tasks)
+
+    @property
     def completed(self) -> list[str]:
         """Tasks completed so far this episode, in completion order."""
         return list(self._completed)
@@ -223,6 +227,7 @@ class KitchenEnv(SimEnv):
             "joint_names": list(self.joint_names),
             "control_hz": self.control_hz,
             "tasks": list(self.tasks),
+            "task_names": list(self.tasks),  # data/task_index indexes this list (DESIGN.md section 9)
             "goal_count": self.goal_count,
             "obs_keys": self.obs_keys,
             "image_keys": self.image_keys,

@@ -36,6 +36,7 @@ class Batch:
     obs: torch.Tensor  # (B, T, D)
     goal: torch.Tensor | None  # (B, G)
     actions: torch.Tensor  # (B, T, W, A)
+    done: torch.Tensor | None = None  # (B, T) completion targets, NaN where a step is another subtask's
 
 
 class TrainingData:
@@ -61,7 +62,11 @@ class TrainingData:
 
             for key in dcfg["image_keys"]:  # cache_dir None: $VQBET_CACHE/features (feature_cache.default_cache_dir)
                 features[key] = encoded_features(ds, key, encoder, cfg["vision"], cache_dir, progress=progress)
-        goal = ds.read(dcfg["goal_key"]).astype(np.float32).reshape(ds.n_steps, -1) if dcfg.get("goal_key") else None
+        self.task_index = None
+        if dcfg.get("goal_key") == "task_index":  # goal = the current subtask, one-hot over task_names
+            goal = self._subtask_goals(ds)
+        else:
+            goal = ds.read(dcfg["goal_key"]).astype(np.float32).reshape(ds.n_steps, -1) if dcfg.get("goal_key") else None
         self.data_hash = dataset_hash(ds, required)
 
         if normalizer is None:
@@ -69,6 +74,9 @@ class TrainingData:
             if goal is not None:
                 to_fit["goal"] = goal
             normalizer = Normalizer.fit(to_fit)
+            if self.task_index is not None:  # one-hot subtask goals stay as they are: a subtask seen in few
+                g = goal.shape[1]            # demos would otherwise get a near-zero std and a huge input
+                normalizer.stats["goal"] = {"mean": np.zeros(g, np.float32), "std": np.ones(g, np.float32)}
         self.normalizer = normalizer
         from vqbet_core.vision.fusion import fuse_observation
 
@@ -83,6 +91,15 @@ class TrainingData:
         self.actions = torch.as_tensor(normalizer.normalize("action", actions), dtype=torch.float32, device=device)
         self.goal = None if goal is None else torch.as_tensor(normalizer.normalize("goal", goal), dtype=torch.float32, device=device)
 
+        self.done = None
+        horizon = int((cfg.get("completion") or {}).get("horizon") or 0)
+        if horizon and self.task_index is not None:
+            from vqbet_core.data.tasks import completion_targets
+
+            done = completion_targets(self.task_index, self.episode_ends, horizon)
+            self.done = torch.as_tensor(done, dtype=torch.float32, device=device)
+            self.task_index_t = torch.as_tensor(self.task_index, device=device)
+
         train_eps, val_eps = split_episodes(self.n_episodes, float(dcfg["val_fraction"]), seed=int(cfg["train"]["seed"]))
         self.train_episodes, self.val_episodes = train_eps, val_eps
         T, W = int(cfg["obs_window"]), int(cfg["action_chunk"])
@@ -94,7 +111,24 @@ class TrainingData:
         obs_idx_t = torch.as_tensor(obs_idx, device=self.device)
         act_idx_t = torch.as_tensor(act_idx, device=self.device)
         goal = None if self.goal is None else self.goal[obs_idx_t[:, -1]]
-        return Batch(self.obs[obs_idx_t], goal, self.actions[act_idx_t])
+        done = None
+        if self.done is not None:  # steps of another subtask than the goal's (the last step's) are not scored
+            ti = self.task_index_t[obs_idx_t]
+            done = torch.where(ti == ti[:, -1:], self.done[obs_idx_t], torch.full_like(self.done[obs_idx_t], float("nan")))
+        return Batch(self.obs[obs_idx_t], goal, self.actions[act_idx_t], done)
+
+    def _subtask_goals(self, ds: ZarrDataset) -> np.ndarray:
+        """One-hot goals from ``data/task_index`` and ``task_names``; names their vectors for export."""
+        from vqbet_core.data.tasks import named_goal_vectors, one_hot_goals
+        from vqbet_core.errors import DatasetError
+
+        names = ds.attrs.get("task_names")
+        if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+            raise DatasetError(f"{self.path}: data.goal_key task_index needs .zattrs task_names (a list of subtask "
+                               f"names), got {names!r}")
+        self.task_index = ds.read("task_index").astype(np.int64).reshape(-1)
+        self.dataset_attrs = {**self.dataset_attrs, "goal_vectors": named_goal_vectors(names)}
+        return one_hot_goals(self.task_index, len(names))
 
     def random_batch(self, sampler: SequenceSampler, batch_size: int, rng: np.random.Generator) -> Batch:
         return self.batch(sampler, rng.integers(0, len(sampler), size=batch_size))

@@ -267,7 +267,7 @@ class Trainer:
         with torch.no_grad():
             for _ in range(n):
                 b = self.data.random_batch(self.data.val, int(self.tcfg["batch_size"]), rng)
-                loss, metrics = self.policy.policy_loss(b.obs, b.goal, b.actions)
+                loss, metrics = self.policy.policy_loss(b.obs, b.goal, b.actions, b.done)
                 for k, v in {"loss": float(loss.detach()), **_scalars(metrics)}.items():
                     totals[f"val_{k}"] = totals.get(f"val_{k}", 0.0) + v / n
         self.policy.train()
@@ -283,7 +283,8 @@ class Trainer:
         if self._opt_state is not None and self.meta["phase1_step"] >= int(self.tcfg["phase1_steps"]) and self.meta["phase2_step"] > 0:
             optimizer_from_flat(opt, *self._opt_state)
         switch = int(math.ceil(float(self.tcfg["offset_only_after"]) * steps))
-        offset_ids = {id(p) for p in self.policy.offset_head_parameters()}
+        # the completion head keeps learning with the offsets (it reads the GPT feature, changes no action)
+        offset_ids = {id(p) for p in self.policy.offset_head_parameters() + self.policy.completion_parameters()}
 
         def offsets_only():
             for p in params:
@@ -302,7 +303,7 @@ class Trainer:
             if self.meta["phase2_step"] == switch and switch < steps:
                 offsets_only()
             b = self.data.random_batch(self.data.train, bs, self.rng)
-            loss, metrics = model(b.obs, b.goal, b.actions)
+            loss, metrics = model(b.obs, b.goal, b.actions, b.done)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if clip > 0:

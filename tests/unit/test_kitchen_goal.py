@@ -1,0 +1,109 @@
+"""Goal-conditioned long-horizon kitchen in CI time: demos with task_index -> tiny kitchen_goal train ->
+export (completion output parity-checked) -> eval with a requested subtask order, both advance modes.
+
+Quality is the benchmark's job (README results); this checks that every piece fits and is real.
+"""
+
+import json
+
+import numpy as np
+import pytest
+
+pytest.importorskip("gymnasium_robotics")
+pytest.importorskip("mujoco")
+
+from vqbet_core.cli.main import main as vqbet  # noqa: E402
+from vqbet_core.data.store import ZarrDataset  # noqa: E402
+from vqbet_core.data.tasks import marks_from_task_index  # noqa: E402
+
+TINY = ["--set", "train.phase1_steps=3", "--set", "train.phase2_steps=4", "--set", "train.batch_size=16",
+        "--set", "train.phase1_batch_size=32", "--set", "train.log_every=1", "--set", "train.val_every=4",
+        "--set", "train.ckpt_every=4", "--set", "gpt.n_layer=1", "--set", "gpt.n_head=2", "--set", "gpt.n_embd=16",
+        "--set", "vq.code_dim=16", "--set", "vq.hidden=16", "--set", "heads.hidden=16", "--set", "data.val_fraction=0.0"]
+
+
+@pytest.fixture(scope="module")
+def goal_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("kitchen_goal")
+    data, run, model = tmp / "demos.zarr", tmp / "run", tmp / "model"
+    assert vqbet(["sim-demos", "--env", "kitchen", "--episodes", "2", "--out", str(data), "--seed", "3",
+                  "--no-progress", "--env-arg", "state_velocities=false"]) == 0
+    assert vqbet(["train", "--config", "kitchen_goal", "--data", str(data), "--out", str(run), "--no-progress", *TINY]) == 0
+    assert vqbet(["export", "--checkpoint", str(run), "--out", str(model)]) == 0
+    return data, run, model
+
+
+def test_demos_label_every_step_with_the_subtask_the_env_completed_next(goal_run):
+    ds = ZarrDataset.open(goal_run[0])
+    names = ds.attrs["task_names"]
+    ti = ds.read("task_index")
+    assert ti.dtype == np.int64 and len(ti) == ds.n_steps and (ti >= 0).all()
+    start = 0
+    for end, mode in zip(ds.episode_ends, ds.attrs["episode_modes"]):
+        marks = marks_from_task_index(ti[start:end], names)
+        assert [name for _, name in marks] == mode.split(">")  # the env's completion order, switch by switch
+        assert marks[-1][0] == end - start - 1  # the episode ends at the step its last subtask completed
+        start = int(end)
+
+
+def test_export_names_one_goal_per_subtask_and_checks_the_completion_output(goal_run, capsys):
+    import yaml
+
+    _, _, model = goal_run
+    meta = yaml.safe_load((model / "model.yaml").read_text())
+    assert sorted(meta["goal_names"]) == sorted(ZarrDataset.open(goal_run[0]).attrs["task_names"])
+    assert meta["completion"] == {"horizon": 3, "output": "completion"}
+    assert meta["export"]["parity"]["completion_max_abs_error"] < 1e-4
+
+
+def test_runtime_switches_goal_and_keeps_its_history(goal_run):
+    from vqbet_core.runtime.agent import RuntimeAgent
+
+    agent = RuntimeAgent(goal_run[2], seed=0)
+    agent.reset("microwave")
+    obs = {k: np.zeros(d, np.float32) for k, d in agent.model.obs_dims.items()}
+    agent.act(obs)
+    score = agent.completion
+    assert score is not None and 0.0 <= score <= 1.0
+    agent.set_goal("light switch")
+    assert len(agent.runtime.history) == 1 and agent.runtime.goal_name == "light switch"
+    assert agent.runtime.goal.tolist() == [agent.model.goal_vectors["light switch"].tolist()]  # one-hot, not rescaled
+    agent.act(obs)
+    assert agent.completion is not None and len(agent.runtime.history) == 2
+
+
+@pytest.mark.parametrize("advance", ["model", "oracle"])
+def test_eval_asks_for_a_requested_order(goal_run, capsys, advance):
+    _, run, model = goal_run
+    assert vqbet(["eval", "--model", str(model), "--env", "kitchen", "--episodes", "2", "--max-steps", "12",
+                  "--task-sequence", "random", "--advance", advance, "--completion-threshold", "0.01"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["task_sequence"] == "random" and out["advance"] == advance and out["sequence_length"] == 4
+    assert out["episodes_seen"] + out["episodes_unseen"] == 2 and 0 <= out["in_order_mean"] <= 4
+    if advance == "model":  # threshold 0.01: the untrained head fires, so advances happen and are scored
+        assert out["advances"] > 0 and out["completion_precision"] is not None
+    assert vqbet(["eval", "--checkpoint", str(run), "--env", "kitchen", "--episodes", "1", "--max-steps", "5",
+                  "--task-sequence", "microwave,light switch", "--advance", advance]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["sequence_length"] == 2
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--task-sequence", "microwave,oven"], "unknown subtask(s) ['oven']"),
+    (["--task-sequence", "microwave,microwave"], "appears twice"),
+    (["--task-sequence", ","], "empty list"),
+    (["--task-sequence", "random", "--completion-threshold", "2"], "--completion-threshold"),
+])
+def test_bad_sequences_are_one_line_errors(goal_run, capsys, argv, needle):
+    code = vqbet(["eval", "--model", str(goal_run[2]), "--env", "kitchen", "--episodes", "1", *argv])
+    err = capsys.readouterr().err
+    assert code == 2 and needle in err and err.count("\n") == 1, err
+
+
+def test_a_model_without_subtask_goals_refuses_a_sequence(tmp_path, capsys):
+    data, run = tmp_path / "d.zarr", tmp_path / "run"
+    assert vqbet(["sim-demos", "--env", "multipath", "--episodes", "3", "--out", str(data), "--no-progress"]) == 0
+    assert vqbet(["train", "--config", "multipath", "--data", str(data), "--out", str(run), "--no-progress", *TINY]) == 0
+    capsys.readouterr()
+    code = vqbet(["eval", "--checkpoint", str(run), "--env", "multipath", "--episodes", "1", "--task-sequence", "random"])
+    err = capsys.readouterr().err
+    assert code == 2 and "not goal-conditioned on subtasks" in err and err.count("\n") == 1

@@ -1,0 +1,95 @@
+"""Subtask labels, completion targets and the goal sequencer (DESIGN.md section 9), on hand-made sequences."""
+
+import numpy as np
+import pytest
+import torch
+
+from vqbet_core.data.tasks import (completion_targets, marks_from_task_index, named_goal_vectors, one_hot_goals,
+                                   task_index_from_marks)
+from vqbet_core.errors import VqbetError
+from vqbet_core.runtime.sequencer import TaskSequencer
+
+NAMES = ["microwave", "kettle", "light switch"]
+
+
+def test_marks_become_per_step_labels_and_back():
+    ti = task_index_from_marks(10, [(6, "light switch"), (2, "kettle")], NAMES)  # order of marks does not matter
+    assert ti.tolist() == [1, 1, 1, 2, 2, 2, 2, -1, -1, -1] and ti.dtype == np.int64
+    assert marks_from_task_index(ti, NAMES) == [(2, "kettle"), (6, "light switch")]
+    with pytest.raises(VqbetError, match="'oven'.*expected one of"):
+        task_index_from_marks(5, [(1, "oven")], NAMES)
+    with pytest.raises(VqbetError, match="step 9.*0..4"):
+        task_index_from_marks(5, [(9, "kettle")], NAMES)
+
+
+def test_completion_targets_mark_the_last_steps_of_each_subtask_per_episode():
+    # episode 1: kettle for 4 steps then microwave for 3; episode 2: light switch for 5
+    ti = np.array([1, 1, 1, 1, 0, 0, 0, 2, 2, 2, 2, 2])
+    got = completion_targets(ti, np.array([7, 12]), horizon=2)
+    assert got.tolist() == [0, 0, 1, 1, 0, 1, 1, 0, 0, 0, 1, 1]
+    # the same subtask in two episodes back to back is two runs (the episode boundary ends the first)
+    got = completion_targets(np.array([0, 0, 0, 0]), np.array([2, 4]), horizon=1)
+    assert got.tolist() == [0, 1, 0, 1]
+    assert completion_targets(np.array([-1, -1]), np.array([2]), 3).tolist() == [0, 0]
+    with pytest.raises(VqbetError, match="horizon"):
+        completion_targets(ti, np.array([12]), 0)
+
+
+def test_one_hot_goals_and_named_vectors_agree():
+    goals = one_hot_goals(np.array([2, 0, -1]), 3)
+    assert goals.tolist() == [[0, 0, 1], [1, 0, 0], [0, 0, 0]]
+    named = named_goal_vectors(NAMES)
+    assert named["light switch"] == goals[0].tolist() and list(named) == NAMES
+    with pytest.raises(VqbetError, match="task_index holds"):
+        one_hot_goals(np.array([3]), 3)
+
+
+def test_completion_loss_is_bce_on_the_scored_steps_only():
+    from vqbet_core.config import DEFAULTS, deep_merge
+    from vqbet_core.models import build_policy
+
+    cfg = deep_merge(DEFAULTS, {"obs_window": 3, "gpt": {"n_layer": 1, "n_head": 2, "n_embd": 16},
+                                "vq": {"code_dim": 8, "hidden": 8}, "heads": {"hidden": 8},
+                                "completion": {"horizon": 2, "weight": 2.0, "hidden": 8},
+                                "data": {"goal_key": "task_index"}})
+    torch.manual_seed(0)
+    for kind in ("vqbet", "bet"):
+        policy = build_policy({**cfg, "policy": kind}, obs_dim=4, action_dim=2, goal_dim=3)
+        feats = torch.randn(2, 3, 16)
+        done = torch.tensor([[float("nan"), 0.0, 1.0], [0.0, 0.0, 0.0]])
+        loss, metrics = policy._completion_loss(feats, done)
+        logits = policy.completion_head(feats).squeeze(-1)
+        mask = ~torch.isnan(done)
+        want = 2.0 * torch.nn.functional.binary_cross_entropy_with_logits(logits[mask], done[mask])
+        assert torch.allclose(loss, want) and "completion_recall" in metrics
+        heads = policy.heads(torch.randn(2, 3, 4), torch.eye(3)[:2])
+        assert heads.completion.shape == (2,) and ((heads.completion >= 0) & (heads.completion <= 1)).all()
+
+
+def test_a_policy_without_the_head_has_no_completion():
+    from vqbet_core.config import DEFAULTS, deep_merge
+    from vqbet_core.models import build_policy
+
+    cfg = deep_merge(DEFAULTS, {"obs_window": 2, "gpt": {"n_layer": 1, "n_head": 2, "n_embd": 16}})
+    policy = build_policy(cfg, obs_dim=4, action_dim=2)
+    assert policy.completion_head is None and policy.heads(torch.randn(1, 2, 4), None).completion is None
+    assert policy._completion_loss(torch.randn(1, 2, 16), torch.ones(1, 2))[0].item() == 0.0
+
+
+def test_sequencer_threshold_debounce_and_operator():
+    seq = TaskSequencer(["kettle", "microwave"], known=NAMES, threshold=0.6, debounce=0.2)
+    assert seq.current == "kettle" and seq.progress == (0, 2)
+    assert not seq.update(0.9, 0.0)  # above, but not yet for 0.2 s
+    assert not seq.update(0.3, 0.1)  # dropped below: the debounce starts again
+    assert not seq.update(0.7, 0.2) and not seq.update(0.7, 0.3)
+    assert seq.update(0.7, 0.4) and seq.current == "microwave"
+    assert not seq.update(1.0, 0.5, active=False) and not seq.update(1.0, 0.6, active=False)  # disabled: ignored
+    assert seq.advance(0.7) and seq.finished and seq.current is None
+    assert not seq.advance(0.8) and not seq.update(1.0, 0.9)  # finished: holds
+    assert [(e[1], e[2]) for e in seq.events] == [("kettle", "model"), ("microwave", "operator")]
+    with pytest.raises(VqbetError, match="unknown subtask.*'oven'"):
+        TaskSequencer(["oven"], known=NAMES)
+    with pytest.raises(VqbetError, match="threshold"):
+        TaskSequencer(["kettle"], threshold=0.0)
+    instant = TaskSequencer(["kettle"], threshold=0.5)
+    assert instant.update(0.5, 3.0) and instant.finished

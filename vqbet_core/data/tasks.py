@@ -1,0 +1,83 @@
+"""Per-step subtask labels of long-horizon demonstrations (DESIGN.md section 9), from "subtask done" marks.
+
+Why hindsight: whoever records knows which subtask was being done only when it is done (the operator
+presses "done", the simulator reports the task complete). Every step up to and including the step a
+subtask is marked done belongs to that subtask; the next step starts the next one. The same function
+labels simulator demos (``vqbet sim-demos``), ROS recordings (the recorder's marks) and bags
+(``bag2zarr``'s marker topic), so the three cannot disagree.
+
+The completion target (what the policy's completion head learns) is derived from the same labels:
+step ``i`` is positive when its subtask is marked done within the next ``horizon`` steps, i.e. the
+subtask "ends soon". Why this and not a progress fraction: the node needs a yes/no decision with a
+threshold and a debounce; a near-end label trains exactly that decision, needs no guess of how long a
+subtask takes, and its positives sit where the decision is made.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from vqbet_core.errors import VqbetError
+
+
+def task_index_from_marks(n_steps: int, marks: list[tuple[int, str]], task_names: list[str]) -> np.ndarray:
+    """``task_index`` (int64, ``n_steps``) from ``marks``: ``(step, task name)`` where that task was done.
+
+    ``step`` is the index of the last step of the subtask (the action after which it was complete).
+    Steps after the last mark have no finished subtask to belong to: they get ``-1`` (callers either
+    end the episode at the last mark, as the simulator does, or keep -1 = "no subtask").
+    """
+    index = np.full(n_steps, -1, dtype=np.int64)
+    start = 0
+    for step, name in sorted(marks, key=lambda m: m[0]):
+        if name not in task_names:
+            raise VqbetError(f"subtask mark '{name}': expected one of the task names {list(task_names)}")
+        if not 0 <= step < n_steps:
+            raise VqbetError(f"subtask mark '{name}' at step {step}: expected a step in 0..{n_steps - 1}")
+        index[start : step + 1] = task_names.index(name)
+        start = step + 1
+    return index
+
+
+def marks_from_task_index(task_index: np.ndarray, task_names: list[str]) -> list[tuple[int, str]]:
+    """The inverse of :func:`task_index_from_marks` for one episode: ``(last step, name)`` of each subtask run."""
+    marks = []
+    ti = np.asarray(task_index)
+    for i in range(len(ti)):
+        if ti[i] >= 0 and (i + 1 == len(ti) or ti[i + 1] != ti[i]):
+            marks.append((i, task_names[int(ti[i])]))
+    return marks
+
+
+def completion_targets(task_index: np.ndarray, episode_ends: np.ndarray, horizon: int) -> np.ndarray:
+    """float32 (N,): 1 where the step's subtask ends within ``horizon`` steps (this one included), else 0.
+
+    A subtask ends at the last step of its run in an episode. Steps with ``task_index == -1`` get 0.
+    """
+    if horizon < 1:
+        raise VqbetError(f"completion horizon must be >= 1 step, got {horizon}")
+    ti = np.asarray(task_index)
+    out = np.zeros(len(ti), dtype=np.float32)
+    start = 0
+    for end in np.asarray(episode_ends, dtype=np.int64):
+        for last, _ in marks_from_task_index(ti[start:end], [str(i) for i in range(max(int(ti.max(initial=0)) + 1, 1))]):
+            out[start + max(0, last - horizon + 1) : start + last + 1] = 1.0
+        start = int(end)
+    return out
+
+
+def one_hot_goals(task_index: np.ndarray, n_tasks: int) -> np.ndarray:
+    """Goal vectors (float32, N x n_tasks): the current subtask as a one-hot vector (zeros for -1)."""
+    ti = np.asarray(task_index, dtype=np.int64)
+    if ti.size and (ti.max() >= n_tasks or ti.min() < -1):
+        raise VqbetError(f"task_index holds {int(ti.min())}..{int(ti.max())}: expected -1..{n_tasks - 1} (task_names has {n_tasks})")
+    goals = np.zeros((len(ti), n_tasks), dtype=np.float32)
+    rows = np.nonzero(ti >= 0)[0]
+    goals[rows, ti[rows]] = 1.0
+    return goals
+
+
+def named_goal_vectors(task_names: list[str]) -> dict[str, list[float]]:
+    """One goal vector per task name (its one-hot row): what the operator asks for by name."""
+    eye = np.eye(len(task_names), dtype=np.float32)
+    return {name: eye[i].tolist() for i, name in enumerate(task_names)}
