@@ -37,8 +37,11 @@ def files(folder: str, pattern: str, required: set) -> list:
     if missing:
         link = os.path.join(here, folder)
         target = f" (a link to {os.readlink(link)!r})" if os.path.islink(link) else ""
-        sys.exit(f"{package_name}/setup.py: error: {', '.join(missing)} not found in {link}{target}: build the "
-                 f"workspace of a full vqbet-ros clone, where {folder}/ is the repository's top-level folder")
+        message = (f"{package_name}/setup.py: error: {', '.join(missing)} not found in {link}{target}: build the "
+                   f"workspace of a full vqbet-ros clone, where {folder}/ is the repository's top-level folder")
+        print(message, file=sys.stderr)
+        # not SystemExit: colcon reads setup.py through distutils' run_setup(), which swallows it
+        raise RuntimeError(message)
     return [os.path.relpath(p, here) for p in found]
 
 

@@ -14,9 +14,13 @@ episode was lost. So the nodes install their own handlers instead
 - the first SIGINT or SIGTERM only sets a flag; the spin loop looks at it at least every 0.1 s and leaves;
 - while the node is still being built (loading a model, opening a store) the flag is looked at as soon as
   construction ends: a half-built node is never left behind with its threads running;
-- every further SIGINT / SIGTERM is ignored (logged once): cleanup always runs to its end, with the ROS
-  context still up (the policy can still publish its hold trajectory). Only SIGKILL stops a node harder,
-  which is what ``ros2 launch`` escalates to when a process is still there 10 s after its SIGINT.
+- every further SIGINT / SIGTERM is ignored: cleanup always runs to its end, with the ROS context still up
+  (the policy can still publish its hold trajectory). From the start of cleanup the two signals are set to
+  ``SIG_IGN``, not just to a Python handler that does nothing: Python resets its own handlers to the default
+  action while the interpreter finalizes, and a late SIGINT (the second Ctrl-C of a terminal reaching a node
+  that has just finished its cleanup) then killed the process with -2 after a clean shutdown; an ignored
+  signal also interrupts no system call in the middleware's threads. Only SIGKILL stops a node harder, which
+  is what ``ros2 launch`` escalates to when a process is still there 10 s after its SIGINT.
 """
 
 from __future__ import annotations
@@ -73,6 +77,12 @@ def install_stop_handlers(name: str) -> StopRequest:
     return stop
 
 
+def ignore_stop_signals() -> None:
+    """SIGINT and SIGTERM ignored by the kernel until the process ends (Python's finalization keeps SIG_IGN)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def spin_until_stopped(node, stopping: Callable[[], bool], executor=None, until: Callable[[], bool] | None = None,
                        on_error: Callable[[Exception], None] | None = None) -> None:
     """Spin ``node`` (in ``executor``, default a SingleThreadedExecutor) until a signal or ``until()``.
@@ -127,7 +137,8 @@ def run_node(name: str, make_node: Callable, args=None, spin: Callable | None = 
         print(f"{name}: error: {exc}", file=sys.stderr)
         code = 2
     finally:
-        stop.request()  # from here on every SIGINT / SIGTERM is a repeat: ignored
+        stop.request()
+        ignore_stop_signals()  # from here on every SIGINT / SIGTERM is a repeat: ignored, to the process's end
         try:
             if node is not None:
                 if cleanup is not None:
