@@ -5,6 +5,14 @@ of service calls) makes start/end timing consistent. It calls the recorder's std
 and publishes task labels on ``<recorder>/task``. On a terminal keys act immediately; with piped input
 each line is one command (``t open the drawer`` sets a task label).
 
+Before each service call it makes sure the recorder answers: a round trip to the recorder's
+``get_parameters`` service (harmless, repeated until answered) proves that DDS discovery between the two
+processes has settled. Why: right after the recorder (re)starts, ``wait_for_service`` can already say
+yes (a killed recorder's endpoints linger for seconds) while a request or its answer is still lost, and
+a lost ``start_episode`` cannot simply be sent again. Meanwhile it prints one line,
+``waiting for recorder /recorder_node ...``, and the key press is carried out once the recorder is there
+(``wait`` seconds at most; 0 = no limit).
+
 Run: ``ros2 run vqbet_ros record_keyboard --ros-args -p recorder:=/recorder_node``
 """
 
@@ -13,11 +21,17 @@ from __future__ import annotations
 import os
 import sys
 
+import time
+
 import rclpy
+from rcl_interfaces.srv import GetParameters
 from rclpy.executors import ExternalShutdownException
 from rclpy.node import Node
 from std_msgs.msg import String
 from std_srvs.srv import Trigger
+
+from vqbet_core.errors import VqbetError
+from vqbet_ros.params import declare
 
 HELP = "keys: s = start episode, e = end (commit), d = discard, t = set task label, q = quit"
 
@@ -25,20 +39,59 @@ HELP = "keys: s = start episode, e = end (commit), d = discard, t = set task lab
 class RecordKeyboard(Node):
     def __init__(self, **kwargs):
         super().__init__("record_keyboard", **kwargs)
-        recorder = self.declare_parameter("recorder", "/recorder_node").value.rstrip("/")
-        self.timeout = float(self.declare_parameter("timeout", 5.0).value)
+        recorder = str(declare(self, "recorder", "/recorder_node", "the recorder node's full name")).rstrip("/")
+        self.timeout = declare(self, "timeout", 5.0, "seconds to wait for the answer of a service call")
+        self.wait = declare(self, "wait", 0.0, "seconds to wait for the recorder to appear; 0 = no limit")
+        if not recorder:
+            raise VqbetError("parameter recorder is empty: give the recorder node's name, e.g. /recorder_node")
+        if not self.timeout > 0:
+            raise VqbetError(f"parameter timeout must be > 0 seconds, got {self.timeout}")
+        if not self.wait >= 0:
+            raise VqbetError(f"parameter wait must be >= 0 seconds (0 = no limit), got {self.wait}")
+        self.recorder = recorder
+        self.say = lambda line: print(line, flush=True)
         self.clients_by_key = {key: self.create_client(Trigger, f"{recorder}/{name}")
                                for key, name in (("s", "start_episode"), ("e", "end_episode"), ("d", "discard_episode"))}
+        self.probe = self.create_client(GetParameters, f"{recorder}/get_parameters")
         self.task_pub = self.create_publisher(String, f"{recorder}/task", 10)
+
+    def wait_for_recorder(self, client) -> str | None:
+        """Until the recorder answers a harmless request and ``client``'s service is there; an error text or None."""
+        end = time.monotonic() + (self.wait or float("inf"))
+        said = False
+        while True:
+            if self.probe.service_is_ready() and client.service_is_ready():
+                future = self.probe.call_async(GetParameters.Request(names=[]))
+                rclpy.spin_until_future_complete(self, future, timeout_sec=0.5 if not said else 1.0)
+                if future.done() and future.result() is not None:
+                    if said:
+                        self.say(f"recorder {self.recorder} is ready")
+                    return None
+                self._drop_probe(future)
+            else:
+                rclpy.spin_once(self, timeout_sec=0.1)
+            if not said:
+                self.say(f"waiting for recorder {self.recorder} ... (is recorder_node running? q quits)")
+                said = True
+            if time.monotonic() > end:
+                return f"recorder {self.recorder} not available after {self.wait:g} s (is recorder_node running?)"
+
+    def _drop_probe(self, future) -> None:
+        try:
+            self.probe.remove_pending_request(future)
+        except Exception:  # noqa: BLE001 - absent in older rclpy: the late answer is then just ignored
+            pass
 
     def call(self, key: str) -> str:
         client = self.clients_by_key[key]
-        if not client.wait_for_service(timeout_sec=self.timeout):
-            return f"recorder service {client.srv_name} not available"
+        error = self.wait_for_recorder(client)
+        if error:
+            return error
         future = client.call_async(Trigger.Request())
         rclpy.spin_until_future_complete(self, future, timeout_sec=self.timeout)
         if not future.done():
-            return f"no answer from {client.srv_name} within {self.timeout:g} s"
+            return (f"no answer from {client.srv_name} within {self.timeout:g} s (it may still have acted: "
+                    f"see {self.recorder}/status before pressing again)")
         result = future.result()
         return ("ok: " if result.success else "refused: ") + result.message
 
@@ -95,7 +148,12 @@ def _read_keys(node: RecordKeyboard) -> None:
 
 def main(args=None) -> int:
     rclpy.init(args=args)
-    node = RecordKeyboard()
+    try:
+        node = RecordKeyboard()
+    except VqbetError as exc:
+        print(f"record_keyboard: error: {exc}", file=sys.stderr)
+        rclpy.shutdown()
+        return 2
     print(HELP, flush=True)
     try:
         if sys.stdin.isatty():
