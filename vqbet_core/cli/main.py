@@ -22,6 +22,7 @@ SUBCOMMANDS = {
     "bag2zarr": ("vqbet_core.cli.bag2zarr", "convert ROS 2 bags (.db3 / .mcap) to a zarr dataset, no ROS needed"),
     "inspect": ("vqbet_core.cli.inspect", "episodes, lengths, keys and statistics of a zarr dataset"),
     "bench": ("vqbet_core.cli.bench", "latency and throughput benchmarks; prints JSON"),
+    "reproduce": ("vqbet_core.cli.reproduce", "run a results row from nothing; prints measured vs published"),
 }
 
 
