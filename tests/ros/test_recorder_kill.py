@@ -1,7 +1,8 @@
 """SIGKILL the recorder at random moments (starting up, idle, recording, writing, committing).
 
-After every kill the store must reopen, and every episode whose commit was acknowledged must still be
-there with its length; at the end every stored episode must hold exactly what was published. The
+After every kill the store, as the kill left it (no repair step), must be accepted by plain zarr, by
+diffusion_policy's ReplayBuffer layout rules and by our reader, and every episode whose commit was
+acknowledged must still be there with its length; at the end every stored episode must hold exactly what was published. The
 20-kill run and the 100-kill soak (longer episodes) are both behind the slow marker (`make test-slow`).
 """
 
@@ -20,6 +21,9 @@ pytest.importorskip("rclpy")
 
 sys.path.insert(0, str(Path(__file__).parent))
 import _recorder_support as S  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "unit"))
+from test_store_crash import plain_zarr_read, replay_buffer_refusal  # noqa: E402
 
 from vqbet_core.calibration import load_calibration  # noqa: E402
 from vqbet_core.data.store import ZarrDataset  # noqa: E402
@@ -66,7 +70,9 @@ def _check_committed(out: Path, committed: dict) -> ZarrDataset | None:
     if not out.exists():  # killed before the store was first created (it appears atomically)
         assert not committed
         return None
-    ds = ZarrDataset.open(out, mode="a")  # what the next recorder does: repair, truncate leftovers
+    # as the kill left it, with no repair step (issue 24): plain zarr, the ReplayBuffer rules, our reader
+    assert replay_buffer_refusal(out) is None, f"ReplayBuffer refuses the store: {replay_buffer_refusal(out)}"
+    plain_zarr_read(out)
     ds = ZarrDataset.open(out, mode="r")
     lengths = np.diff(np.concatenate([[0], ds.episode_ends]))
     for index, length in committed.items():

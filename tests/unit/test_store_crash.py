@@ -181,3 +181,19 @@ def test_a_store_without_episodes_has_no_data_arrays(tmp_path):
     assert not list((tmp_path / "d.zarr/data").iterdir()) or all(p.name.startswith(".") for p in (tmp_path / "d.zarr/data").iterdir())
     ds.add_episode({"robot_joint": np.ones((2, 1), np.float32)})
     assert ds.keys == ["robot_joint"] and replay_buffer_refusal(tmp_path / "d.zarr") is None
+
+
+@pytest.mark.skipif(not os.environ.get("VQBET_ZARR2_PYTHON"),
+                    reason="set VQBET_ZARR2_PYTHON to a Python with zarr 2 (what diffusion_policy uses)")
+def test_zarr2_and_the_replay_buffer_accept_every_killed_store(killed):
+    """The same killed stores, opened by zarr 2 with ReplayBuffer.__init__'s own assertions."""
+    work, _ = killed
+    stores = sorted(str(p) for p in work.glob("*/d.zarr"))
+    proc = subprocess.run([os.environ["VQBET_ZARR2_PYTHON"], str(Path(__file__).parent / "_replay_buffer_zarr2.py"), *stores],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    results = json.loads(proc.stdout)
+    assert len(results) == len(stores) > 60
+    assert all(r.get("zarr", "2").startswith("2.") for r in results.values() if r["ok"])
+    refused = {k: v["error"] for k, v in results.items() if not v["ok"]}
+    assert not refused, refused
