@@ -19,7 +19,10 @@ Interfaces (topics are parameters, and remappable):
   out  ``/joint_states`` (JointState, every tick), camera images (Image rgb8, ``camera_topic``, at ``camera_hz``,
        when the env has cameras), ``/sim/state`` (Float64MultiArray, every tick: :data:`STATE_HEADER` then the
        env's low-dim observation keys concatenated - what ``scripted_teleop_node`` acts on),
-       ``/sim/episode_result`` (String, JSON, when an episode ends; reliable + transient local), ``/diagnostics``
+       ``/sim/episode_result`` (String, JSON, when an episode ends; reliable + transient local), ``/sim/subtasks``
+       (String, JSON ``{episode, seed, step, stamp, completed, new}`` each tick a long-horizon env reports a subtask
+       complete: the ground truth, for evaluation and an oracle mode only - a policy must never need it),
+       ``/diagnostics``
   in   ``/arm_controller/joint_trajectory`` (JointTrajectory, joints by name), ``/teleop/joint_command``
        (JointState position targets, by name)
   srv  ``~/reset`` (std_srvs/Trigger: start a new episode with the next seed; commands stamped before it are
@@ -147,6 +150,9 @@ def make_node_class():
             self.state_pub = self.create_publisher(Float64MultiArray, p["state_topic"], reliable)
             self.result_pub = self.create_publisher(String, p["result_topic"], QoSProfile(
                 depth=20, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL))
+            self.subtask_pub = self.create_publisher(String, p["subtasks_topic"], QoSProfile(
+                depth=20, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL))
+            self.n_completed = 0
             self.create_subscription(JointTrajectory, p["trajectory_topic"], self._on_trajectory, reliable)
             self.create_subscription(JointState, p["teleop_topic"], self._on_teleop, reliable)
             self.create_service(Trigger, "~/reset", self._on_reset)
@@ -180,6 +186,8 @@ def make_node_class():
                 "teleop_topic": declare("teleop_topic", "/teleop/joint_command", "teleop joint targets in (JointState)"),
                 "state_topic": declare("state_topic", "/sim/state", "full env state out (Float64MultiArray)"),
                 "result_topic": declare("result_topic", "/sim/episode_result", "episode outcome out (String, JSON)"),
+                "subtasks_topic": declare("subtasks_topic", "/sim/subtasks",
+                                          "ground-truth subtask completions out (String, JSON; evaluation only)"),
                 "frame_id": declare("frame_id", "", "header.frame_id of the images"),
                 "diagnostics_period": declare("diagnostics_period", 1.0, "seconds between /diagnostics messages"),
             }
@@ -206,6 +214,7 @@ def make_node_class():
             self.fresh = True  # the first tick publishes the reset observation; the env steps from the next one
             self.episode_start = self.get_clock().now().nanoseconds
             self.prev_q = None
+            self.n_completed = 0
             self.running = start
             self.result_sent = not start
             if start:
@@ -298,6 +307,7 @@ def make_node_class():
                 else:
                     self.robot.tick(t)
                     self.counts["steps"] += 1
+                    self._publish_subtasks(t)
             q = self.robot.joint_positions()
             js = ros_convert.joint_state(self.robot.joint_names, q, stamp_ns)
             js.velocity = ((q - self.prev_q) * self.control_hz if self.prev_q is not None else np.zeros_like(q)).tolist()
@@ -321,6 +331,14 @@ def make_node_class():
                 self._episode_result(t)
                 if self.p["auto_reset"]:
                     self._reset(start=True)
+
+        def _publish_subtasks(self, stamp: float) -> None:
+            completed = list(self.env.completed)
+            if len(completed) > self.n_completed:
+                data = {"episode": self.episode, "seed": self.episode_seed, "step": self.robot.steps, "stamp": stamp,
+                        "completed": completed, "new": completed[self.n_completed:]}
+                self.n_completed = len(completed)
+                self.subtask_pub.publish(String(data=json.dumps(data)))
 
         def _publish_diagnostics(self) -> None:
             values = {"episode": self.episode, "seed": self.episode_seed, "running": self.running and not self.robot.done,
