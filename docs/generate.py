@@ -372,7 +372,8 @@ def nodes_page(model: Path | None = None) -> str:
              "every topic can also be remapped. rclpy's own parameters (`use_sim_time`, "
              "`start_type_description_service`) and parameter services are left out. Parameters are read at start; `policy_node` accepts "
              "`task_sequence` at run time, `recorder_node` its disk thresholds and `task`.", ""]
-    lines += ["| node | shipped parameter file |", "|---|---|"]
+    lines += ["Launch files and their arguments: [Launch files](#launch-files).", "",
+              "| node | shipped parameter file |", "|---|---|"]
     for name, _, _, file in NODES:
         target = f"../../ros2_ws/src/vqbet_bringup/config/{file}"
         lines.append(f"| [`{name}`](#{name.replace('_', '_')}) | " + (f"[`{file}`]({target})" if file else "none") + " |")
@@ -402,7 +403,51 @@ def nodes_page(model: Path | None = None) -> str:
     finally:
         Node.declare_parameter = original
         rclpy.shutdown(context=context)
+    lines += launch_section()
     return "\n".join(lines).rstrip() + "\n"
+
+
+LAUNCH_FILES = ["policy.launch.py", "record.launch.py", "sim.launch.py"]
+
+
+def _render_substitution(sub) -> str:
+    """A launch substitution as a reader writes it: text, $(find-pkg-share PKG)/a/b, or its describe()."""
+    from launch.substitutions import PathJoinSubstitution, TextSubstitution
+
+    if isinstance(sub, TextSubstitution):
+        return sub.text
+    if isinstance(sub, PathJoinSubstitution):
+        parts = [part if isinstance(part, (list, tuple)) else [part] for part in sub.substitutions]
+        return "/".join("".join(_render_substitution(x) for x in part) for part in parts)
+    package = getattr(sub, "package", None)
+    if type(sub).__name__ == "FindPackageShare" and package is not None:
+        return "$(find-pkg-share " + "".join(_render_substitution(x) for x in package) + ")"
+    return sub.describe()
+
+
+def launch_section() -> list[str]:
+    """Every launch file's arguments, read from its generate_launch_description()."""
+    import importlib.util
+    import re
+
+    lines = ["## Launch files", "",
+             "`ros2 launch vqbet_bringup <file> name:=value ...`; the files live in [`launch/`](../../launch/) and "
+             "`vqbet_bringup` installs them. Arguments as each file declares them:", ""]
+    for file in LAUNCH_FILES:
+        spec = importlib.util.spec_from_file_location(f"_docs_{file.split('.')[0]}_launch", REPO / "launch" / file)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        lines += [f"### {file}", "", (module.__doc__ or "").strip().split("\n\n")[0].replace("\n", " "), "",
+                  "| argument | default | choices | description |", "|---|---|---|---|"]
+        for arg in module.generate_launch_description().get_launch_arguments():
+            default = ("".join(_render_substitution(x) for x in arg.default_value)
+                       if arg.default_value is not None else None)
+            shown = "(required)" if default is None else (_code(default) if default else '`""`')
+            description = re.sub(r"\s*Valid choices are: \[.*\]$", "", arg.description or "")
+            choices = ", ".join(_code(c) for c in arg.choices) if arg.choices else ""
+            lines.append(f"| `{arg.name}` | {shown} | {choices} | {_cell(description)} |")
+        lines.append("")
+    return lines
 
 
 def _node_section(node, name: str, declared: list, shipped: dict) -> list[str]:
