@@ -89,7 +89,7 @@ class ExpertDriver:
 
 
 def make_node_class():
-    from rcl_interfaces.msg import ParameterDescriptor
+    from vqbet_ros.params import declare as declare_parameter
     from rclpy.node import Node
     from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
     from sensor_msgs.msg import JointState
@@ -134,7 +134,7 @@ def make_node_class():
 
         def _declare_parameters(self) -> dict:
             def declare(name, default, description):
-                return self.declare_parameter(name, default, ParameterDescriptor(description=description)).value
+                return declare_parameter(self, name, default, description)  # a wrong type: one line, exit 2
 
             return {
                 "env": declare("env", "blockpush", "simulated env: the same as sim_robot_node's"),
