@@ -513,9 +513,10 @@ def write_chart(path: Path = CHART) -> Path:
                 ax.text(i, 0, "n/a", ha="center", va="bottom", fontsize=7, color="grey")
                 continue
             ax.bar(i, value, color=color, label=label)
-            ax.text(i, value, f"{value:g}", ha="center", va="bottom", fontsize=7)
+            ax.text(i, value, f"{value:.2f}", ha="center", va="bottom", fontsize=7)
         ax.set_title(task["name"], fontsize=9)
         ax.set_xticks([])
+        ax.set_xlim(-0.6, len(series) - 0.4)
         ax.set_ylabel(task["metric"], fontsize=7)
         ax.tick_params(labelsize=7)
         top = task.get("max") or max(task.get(k) or 0 for k, *_ in series)
