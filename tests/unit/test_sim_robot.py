@@ -92,13 +92,52 @@ def test_joints_are_mapped_by_name(robot):
 def test_new_trajectory_replaces_the_running_one_from_the_commanded_position(robot):
     robot.set_trajectory(["a", "b"], [1.0, 2.0], [[1.0, 1.0], [2.0, 2.0]], now=0.0)
     robot.tick(0.5)  # commanded (0.5, 0.5)
-    # replacement at t=0.5: its first point (t=0.4) is already past and skipped; from (0.5, 0.5) towards (-1, -1) at t=1.5
-    kept = robot.set_trajectory(["a", "b"], [0.4, 1.5], [[9.0, 9.0], [-1.0, -1.0]], now=0.5)
+    # replacement at t=0.5 whose first point is in the future: from the commanded (0.5, 0.5) to (-1, -1) at t=1.5
+    kept = robot.set_trajectory(["a", "b"], [1.5], [[-1.0, -1.0]], now=0.5)
     assert kept == 1
     robot.tick(1.0)
     np.testing.assert_allclose(robot.env.targets[-1], [-0.25, -0.25])
     robot.tick(1.4)
     np.testing.assert_allclose(robot.env.targets[-1], [-0.85, -0.85])
+
+
+def test_a_trajectory_that_started_in_the_past_is_joined_on_its_path_now(robot):
+    """Jazzy's controller samples a late trajectory at the current time: the target jumps onto its path."""
+    robot.set_trajectory(["a", "b"], [1.0, 2.0], [[1.0, 1.0], [2.0, 2.0]], now=0.0)
+    robot.tick(0.5)  # commanded (0.5, 0.5)
+    kept = robot.set_trajectory(["a", "b"], [0.4, 1.5], [[9.0, 9.0], [-1.0, -1.0]], now=0.5)
+    assert kept == 1
+    robot.tick(0.5)
+    np.testing.assert_allclose(robot.env.targets[-1], [9.0 - 10.0 * 0.1 / 1.1] * 2)  # on the path at t=0.5
+    robot.tick(1.0)
+    np.testing.assert_allclose(robot.env.targets[-1], [9.0 - 10.0 * 0.6 / 1.1] * 2)
+
+
+def test_points_with_velocities_follow_cubic_splines_with_continuous_velocity(robot):
+    # one joint moving 0 -> 1 -> 0 with velocities 1, 0, -1 at t = 1, 2, 3 (the trajectory arrives at t=0, at rest)
+    robot.set_trajectory(["a", "b"], [1.0, 2.0, 3.0], [[0.0, 0.0], [1.0, 0.0], [0.0, 0.0]], now=0.0,
+                         velocities=[[1.0, 0.0], [0.0, 0.0], [-1.0, 0.0]])
+    pos, vel = robot.commanded_state(1.5)
+    s = 0.5  # Hermite at the segment's middle: (p0 + p1) / 2 + h (v0 - v1) / 8
+    np.testing.assert_allclose(pos, [0.5 + (1.0 - 0.0) / 8, 0.0])
+    for t in (1.0, 2.0):  # velocity continuous at the points, equal to the given ones
+        before, after = robot.commanded_state(t - 1e-7)[1], robot.commanded_state(t + 1e-7)[1]
+        np.testing.assert_allclose(before, after, atol=1e-5)
+    np.testing.assert_allclose(robot.commanded_state(2.0)[1], [0.0, 0.0], atol=1e-9)
+    np.testing.assert_allclose(robot.commanded_state(0.5)[0], [-0.125, 0.0])  # from rest at 0 to (0, v=1) at t=1
+    np.testing.assert_allclose(robot.commanded_state(9.0), ([0.0, 0.0], [0.0, 0.0]))  # hold at the end
+    assert s == 0.5
+
+
+def test_motion_metrics_see_a_velocity_jump_and_not_a_smooth_path():
+    from vqbet_core.sim.robot import motion_metrics
+
+    t = np.arange(50) * 0.1
+    smooth = np.sin(t)[:, None]
+    kinked = np.where(t < 2.5, t, 2.5)[:, None]  # velocity 1 then 0
+    assert motion_metrics(smooth, 0.1)["max_velocity_jump"] < 0.11
+    m = motion_metrics(kinked, 0.1)
+    assert m["max_velocity_jump"] == pytest.approx(1.0) and m["peak_jerk"] > 50 * motion_metrics(smooth, 0.1)["peak_jerk"]
 
 
 def test_empty_trajectory_stops_where_commanded_now(robot):
