@@ -43,7 +43,6 @@ _LOWDIM_CHUNK = 4096
 #: the store's private folder: metadata versions, the ``current`` link, staged arrays of a first episode
 INTERNAL_DIR = "meta/episode_ends/.vqbet"
 _ENDS_META = "meta/episode_ends/.zarray"
-_KEEP_VERSIONS = 2  # the previous version stays, so a reader that resolved it just before a commit can finish
 
 _write_hook: Callable[[str], None] | None = None
 
@@ -349,7 +348,8 @@ class ZarrDataset:
         ``.zarray`` links point at the current version, which has no such file until the switch."""
         internal = self._internal
         internal.mkdir(parents=True, exist_ok=True)
-        number = max(self._versions() + [self._current_version() or 0]) + 1
+        previous = self._current_version()
+        number = max(self._versions() + [previous or 0]) + 1
         vdir = internal / f"v{number:08d}"
         vdir.mkdir()
         files = {".zattrs": _json_bytes(attrs), _ENDS_META: _json_bytes(ends_meta)}
@@ -379,8 +379,8 @@ class ZarrDataset:
             if not (link.is_symlink() and os.readlink(link) == target):
                 _replace_link(target, link)
                 _written(f"link {rel}")
-        for old in self._versions():
-            if old <= number - _KEEP_VERSIONS:
+        for old in self._versions():  # keep the previous version: a reader may have resolved it just now
+            if old not in (number, previous):
                 shutil.rmtree(internal / f"v{old:08d}", ignore_errors=True)
                 _written(f"remove version v{old:08d}")
         self.root = zarr.open_group(str(self.path), mode="r+", zarr_format=2)
@@ -476,7 +476,7 @@ class ZarrDataset:
                 if p.name.endswith((".tmp", ".link")):
                     _remove(p)
             for v in self._versions():
-                if current is not None and (v > current or v <= current - _KEEP_VERSIONS):
+                if current is not None and (v > current or v < current - 1):
                     shutil.rmtree(internal / f"v{v:08d}", ignore_errors=True)
         return found
 
