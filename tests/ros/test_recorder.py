@@ -340,3 +340,85 @@ def test_ros_convert_with_rclpy_messages():
     with pytest.raises(rc.MessageError, match="lacks joints"):
         rc.joint_positions(JointState(name=["b"], position=[2.0]), mapper)
     assert rc.has_cv_bridge() in (True, False)
+
+
+def test_future_stamps_and_corrupt_frames_counted_on_arrival(tmp_path):
+    """Issue 24 in the recorder: joint states / commands stamped 5 s ahead of the recorder's clock and corrupt
+    compressed frames are each counted exactly on arrival (selected by a tick or not) and never stored; the
+    clock offset shows in ~/status and /diagnostics (``clock_offset_s``)."""
+    from sensor_msgs.msg import CompressedImage, JointState
+
+    from vqbet_ros import ros_convert
+
+    env = S.ros_env()
+    cal = S.write_calibration(tmp_path)
+    out = tmp_path / "clock.zarr"
+    procs = S.Procs(env, tmp_path)
+    client = None
+    try:
+        rec = procs.start("recorder", S.recorder_args(out, cal, {"cameras": "[wrist]", "max_wait": 0.3}))
+        client = S.Client(int(env["ROS_DOMAIN_ID"]), "/recorder_node")
+        node = client.node
+        img_pub = node.create_publisher(CompressedImage, "/wrist/image/compressed", 50)
+        js_pub = node.create_publisher(JointState, "/joint_states", 200)
+        cmd_pub = node.create_publisher(JointState, "/teleop/joint_command", 200)
+        now = lambda: node.get_clock().now().nanoseconds  # noqa: E731
+        rgb = np.random.default_rng(0).integers(0, 255, (48, 64, 3), dtype=np.uint8)
+        png = bytes(ros_convert.rgb_to_compressed(rgb, 0, "png").data)
+        jpeg = bytes(ros_convert.rgb_to_compressed(rgb, 0, "jpeg").data)
+        corrupt = [b"", b"garbage", jpeg[: len(jpeg) // 2], png[:8], png[:-20], jpeg[:2] + jpeg[-2:]] * 3
+        state = {"offset": 0, "future": {"robot_joint": 0, "action": 0}, "corrupt": list(corrupt), "sent_bad": 0}
+        FUTURE = 99.0  # joint value of every future-stamped message: must never be stored
+
+        def joints(pub, stream):
+            def publish():
+                offset = state["offset"]
+                value = FUTURE if offset else 0.5
+                pub.publish(ros_convert.joint_state(S.JOINTS, [value] * 3, now() + offset))
+                state["future"][stream] += offset != 0
+            return publish
+
+        def frame():
+            if state["corrupt"] and state["sent_bad"] < state.get("bad_quota", 0):
+                msg = CompressedImage(format="png", data=state["corrupt"].pop())
+                msg.header.stamp = ros_convert.ns_to_time(now())
+                state["sent_bad"] += 1
+            else:
+                msg = ros_convert.rgb_to_compressed(rgb, now(), "png")
+            img_pub.publish(msg)
+
+        node.create_timer(0.01, joints(js_pub, "robot_joint"))
+        node.create_timer(1 / 30, joints(cmd_pub, "action"))
+        node.create_timer(1 / 30, frame)
+        client.wait_ready(proc=rec)
+        client.spin(1.0)
+        assert client.call("start_episode").success
+        client.spin(0.5)
+        state["bad_quota"] = len(corrupt)  # 18 corrupt frames among good ones, at 30 Hz (a 20 Hz tick skips some)
+        client.spin(1.5)
+        t_off = time.monotonic()
+        state["offset"] = 5 * 10**9
+        client.spin(0.5)
+        state["offset"] = 0
+        during = [s for s in client.status if s.get("future_stamps", {}).get("robot_joint")]
+        client.spin(0.8)
+        end = client.call("end_episode")
+        assert end.success, end.message
+        client.spin(0.6)
+        final = client.status[-1]
+        diag = [st for arr in client.diagnostics for st in arr.status if "recorder" in st.name][-1]
+    finally:
+        if client is not None:
+            client.close()
+        procs.close()
+    assert state["sent_bad"] == 18 and time.monotonic() - t_off > 1
+    assert final["bad"]["camera_wrist"] == 18, final  # every corrupt frame, on arrival
+    assert final["future_stamps"] == state["future"] and state["future"]["robot_joint"] >= 20, (final, state)
+    assert final["bad"]["robot_joint"] == state["future"]["robot_joint"], final
+    assert final["bad"]["action"] == state["future"]["action"], final
+    assert any(abs(s["clock_offset_s"]["robot_joint"] - 5.0) < 0.1 for s in during), during
+    assert abs(final["clock_offset_s"]["robot_joint"]) < 0.1  # back to the same clock
+    assert "clock_offset_s" in {kv.key for kv in diag.values}
+    ds = ZarrDataset.open(out)
+    ep = ds.episode(0)
+    assert len(ep["robot_joint"]) > 20 and not np.any(ep["robot_joint"] == FUTURE) and not np.any(ep["action"] == FUTURE)
