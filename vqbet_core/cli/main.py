@@ -19,6 +19,7 @@ SUBCOMMANDS = {
     "pretrain-encoder": ("vqbet_core.cli.pretrain_encoder",
                          "ResNet-18 weights from a simulator's labelled frames (no ImageNet download needed)"),
     "export": ("vqbet_core.cli.export", "export a checkpoint to ONNX + model.yaml + card.md; reports parity"),
+    "quantize": ("vqbet_core.cli.quantize", "int8 image encoder for a model folder, refused if it changes decisions"),
     "bag2zarr": ("vqbet_core.cli.bag2zarr", "convert ROS 2 bags (.db3 / .mcap) to a zarr dataset, no ROS needed"),
     "inspect": ("vqbet_core.cli.inspect", "episodes, lengths, keys and statistics of a zarr dataset"),
     "bench": ("vqbet_core.cli.bench", "latency and throughput benchmarks; prints JSON"),

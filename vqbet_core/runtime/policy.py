@@ -58,6 +58,16 @@ def open_session(path: Path, providers: list[str], threads: int | None = None):
         raise ModelFolderError(f"{path}: not a loadable ONNX model ({type(exc).__name__}: {first[:200]})") from None
 
 
+def encoder_precision(spec: ModelSpec, precision: str | None) -> str:
+    """``precision`` (fp32 | int8), or the model's choice (``encoder_precision`` in model.yaml, else fp32)."""
+    chosen = precision or str(spec.meta.get("encoder_precision") or "fp32")
+    if chosen not in ("fp32", "int8"):
+        raise VqbetError(f"encoder precision {chosen!r}: expected fp32 or int8")
+    if chosen == "int8" and spec.encoder_int8_file is None:
+        raise VqbetError(f"{spec.path}: has no int8 encoder (make one with `vqbet quantize {spec.path} --data D.zarr`)")
+    return chosen
+
+
 def _ms(t0: float) -> float:
     return (time.perf_counter() - t0) * 1e3
 
@@ -71,14 +81,17 @@ class PolicyRuntime:
     """
 
     def __init__(self, model_dir: str | Path, providers: list[str] | None = None, seed: int = 0,
-                 temperature: float | None = None, threads: int | None = None):
+                 temperature: float | None = None, threads: int | None = None, precision: str | None = None):
         self.spec: ModelSpec = load_spec(model_dir)
         wanted = resolve_providers(providers)
         self.policy_session = open_session(self.spec.policy_file, wanted, threads)
         self._outputs = check_policy_graph(self.spec, self.policy_session)
         self.encoder_session = None
+        self.precision = "fp32"
         if self.spec.image_keys:
-            self.encoder_session = open_session(self.spec.encoder_file, wanted, threads)
+            self.precision = encoder_precision(self.spec, precision)
+            path = self.spec.encoder_file if self.precision == "fp32" else self.spec.encoder_int8_file
+            self.encoder_session = open_session(path, wanted, threads)
             check_encoder_graph(self.spec, self.encoder_session)
             self._encoder_in = self.encoder_session.get_inputs()[0].name
             self._encoder_out = self.encoder_session.get_outputs()[0].name

@@ -90,6 +90,12 @@ class ModelSpec:
     def encoder_file(self) -> Path | None:
         return self.path / ENCODER_ONNX if self.image_keys else None
 
+    @property
+    def encoder_int8_file(self) -> Path | None:
+        """The int8 encoder made by ``vqbet quantize`` (hash-checked at load), or None."""
+        entry = (self.meta.get("files") or {}).get("encoder_int8")
+        return self.path / entry["file"] if self.image_keys and isinstance(entry, dict) and "file" in entry else None
+
 
 # ---------------------------------------------------------------------- small checked readers
 def _fail(where: str, what: str) -> ModelFolderError:
@@ -248,6 +254,8 @@ def load_spec(model_dir: str | Path, verify_hashes: bool = True) -> ModelSpec:
     _check_file_hash(folder, files["policy"], where, "policy") if verify_hashes else None
     if image_keys and verify_hashes:
         _check_file_hash(folder, files["encoder"], where, "encoder")
+        if isinstance(files.get("encoder_int8"), dict):
+            _check_file_hash(folder, files["encoder_int8"], where, "encoder_int8")
     for key in ("policy",) + (("encoder",) if image_keys else ()):
         if not (folder / files[key]["file"]).is_file():
             raise ModelFolderError(f"{folder / files[key]['file']}: file is missing ({where} lists it under files.{key})")
