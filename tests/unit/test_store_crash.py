@@ -197,3 +197,17 @@ def test_zarr2_and_the_replay_buffer_accept_every_killed_store(killed):
     assert all(r.get("zarr", "2").startswith("2.") for r in results.values() if r["ok"])
     refused = {k: v["error"] for k, v in results.items() if not v["ok"]}
     assert not refused, refused
+
+
+def test_a_file_system_without_links_is_a_one_line_error(tmp_path, monkeypatch):
+    import errno
+
+    def no_links(*_):
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(os, "symlink", no_links)  # what FAT / exFAT / some network file systems answer
+    from vqbet_core.errors import DatasetError
+
+    with pytest.raises(DatasetError, match="no symbolic links") as info:
+        ZarrDataset.create(tmp_path / "d.zarr")
+    assert "\n" not in str(info.value)

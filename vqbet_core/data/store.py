@@ -23,6 +23,7 @@ for append links it first. A copy that follows links (``cp -rL``, ``shutil.copyt
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -110,7 +111,14 @@ def _write_synced(path: Path, data: bytes) -> None:
 def _replace_link(target: str, link: Path) -> None:
     """Point ``link`` at ``target`` in one rename (a reader sees the old or the new link, never none)."""
     tmp = link.with_name(f".{link.name}.{uuid.uuid4().hex[:8]}.link")
-    os.symlink(target, tmp)
+    try:
+        os.symlink(target, tmp)
+    except OSError as exc:
+        if exc.errno in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS):
+            raise DatasetError(f"{link.parent}: this file system has no symbolic links, which the crash-safe store "
+                               "needs (write the dataset to a Linux file system such as ext4; copy it elsewhere "
+                               "afterwards with cp -rL)") from None
+        raise
     os.replace(tmp, link)
 
 
