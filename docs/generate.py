@@ -133,10 +133,31 @@ def _probe_parser(call) -> argparse.ArgumentParser:
     raise RuntimeError(f"{call} returned without parsing its arguments")
 
 
-def cli_page() -> str:
+def bench_parsers() -> dict:
+    """``vqbet bench WHAT``'s parser per benchmark (or a line saying why it cannot be imported here)."""
     import importlib
 
     from vqbet_core.cli import bench
+
+    parsers = {"train": bench.train_parser()}
+    for what, module_name in bench.OTHER.items():
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as exc:  # e.g. rclpy missing for `bench ros`
+            parsers[what] = f"(not importable here: {exc})"
+            continue
+        argv = ([what] if module_name.endswith("recording.bench") else []) + ["--help"]
+        found = _probe_parser(lambda: module.main(argv))
+        # recording.bench has one parser with a subcommand per benchmark: take that subcommand's
+        sub = next((a for a in found._actions if isinstance(a, argparse._SubParsersAction)), None)
+        parsers[what] = sub.choices[what] if sub is not None and what in sub.choices else found
+    for what, p in parsers.items():
+        if not isinstance(p, str):
+            p.prog = f"vqbet bench {what}"  # recording.bench names itself python -m ...
+    return parsers
+
+
+def cli_page() -> str:
     from vqbet_core.cli.main import SUBCOMMANDS, build_parser
 
     parser, modules = build_parser()
@@ -157,21 +178,11 @@ def cli_page() -> str:
         lines += _parser_section(subparsers.choices[name], f"vqbet {name}")
         if name == "bench":
             lines += ["`vqbet bench WHAT [options]`: the options of each benchmark follow.", ""]
-            bench_parsers = {"train": bench.train_parser()}
-            for what, module_name in bench.OTHER.items():
-                try:
-                    module = importlib.import_module(module_name)
-                except ImportError as exc:  # e.g. rclpy missing for `bench ros`
-                    lines += [f"### `vqbet bench {what}`", "", f"(not importable here: {exc})", ""]
-                    continue
-                argv = ([what] if module_name.endswith("recording.bench") else []) + ["--help"]
-                found = _probe_parser(lambda: module.main(argv))
-                # recording.bench has one parser with a subcommand per benchmark: take that subcommand's
-                sub = next((a for a in found._actions if isinstance(a, argparse._SubParsersAction)), None)
-                bench_parsers[what] = sub.choices[what] if sub is not None and what in sub.choices else found
-            for what, p in bench_parsers.items():
-                p.prog = f"vqbet bench {what}"  # recording.bench names itself python -m ...
-                lines += _parser_section(p, f"vqbet bench {what}", "###")
+            for what, p in bench_parsers().items():
+                if isinstance(p, str):
+                    lines += [f"### `vqbet bench {what}`", "", p, ""]
+                else:
+                    lines += _parser_section(p, f"vqbet bench {what}", "###")
     return "\n".join(lines).rstrip() + "\n"
 
 

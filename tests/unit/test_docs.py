@@ -131,6 +131,70 @@ def test_readme_fits_on_two_screens():
     assert len(lines) <= 150, f"README.md has {len(lines)} lines (keep it under ~150: details go into docs/)"
 
 
+# ---------------------------------------------------------------------------------------------- commands
+def _vqbet_commands(text: str):
+    """``vqbet ...`` lines of fenced code blocks, continuations joined, comments and ``[optional]`` parts dropped."""
+    fenced, buf = False, ""
+    for line in text.splitlines():
+        if line.lstrip().startswith("```"):
+            fenced, buf = not fenced, ""
+            continue
+        if not fenced:
+            continue
+        line = "" if line.lstrip().startswith("#") else line.split(" #")[0].rstrip()
+        if buf:
+            buf += " " + line.strip()
+        elif line.strip().startswith("vqbet "):
+            buf = line.strip()
+        else:
+            continue
+        if buf.endswith("\\"):
+            buf = buf[:-1]
+            continue
+        yield re.sub(r"\[[^\]]*\]", "", buf)
+        buf = ""
+
+
+def test_every_vqbet_command_in_the_docs_parses():
+    """Each ``vqbet`` command shown in README.md and docs/ (not the usage lines of the generated cli.md) is
+    accepted by the real argument parsers, ``vqbet bench WHAT`` options included: a renamed or removed option
+    fails here. Parsing only: nothing runs."""
+    import argparse
+    import shlex
+
+    from vqbet_core.cli.main import build_parser
+
+    class Refused(Exception):
+        pass
+
+    def refuse(self, message):
+        raise Refused(f"{self.prog}: {message}")
+
+    gen = _generator()
+    parser, _ = build_parser()
+    bench = {k: v for k, v in gen.bench_parsers().items() if not isinstance(v, str)}
+    original = argparse.ArgumentParser.error
+    argparse.ArgumentParser.error = refuse
+    bad, count = [], 0
+    try:
+        for page in _markdown_files():
+            if page == gen.CLI_PAGE:
+                continue
+            for command in _vqbet_commands(page.read_text()):
+                count += 1
+                try:
+                    args = parser.parse_args(shlex.split(command)[1:])
+                    if args.command == "bench" and args.what in bench:
+                        rest = args.rest[1:] if args.rest[:1] == ["--"] else args.rest
+                        bench[args.what].parse_args(rest)
+                except (Refused, SystemExit) as exc:
+                    bad.append(f"{page.relative_to(REPO)}: {command}\n    {exc}")
+    finally:
+        argparse.ArgumentParser.error = original
+    assert count > 50, f"only {count} vqbet commands found in the docs: is the extraction broken?"
+    assert not bad, "commands in the docs that vqbet refuses:\n" + "\n".join(bad)
+
+
 # ---------------------------------------------------------------------------------------------- results
 def test_results_file_agrees_with_the_reproduce_rows():
     results = yaml.safe_load((REPO / "docs" / "results.yaml").read_text())
