@@ -384,7 +384,8 @@ def nodes_page(model: Path | None = None) -> str:
              "every topic can also be remapped. rclpy's own parameters (`use_sim_time`, "
              "`start_type_description_service`) and parameter services are left out. Parameters are read at start; `policy_node` accepts "
              "`task_sequence` at run time, `recorder_node` its disk thresholds and `task`.", ""]
-    lines += ["Launch files and their arguments: [Launch files](#launch-files).", "",
+    lines += ["Launch files and their arguments: [Launch files](#launch-files). What the nodes do with stamps from "
+              "other clocks, malformed messages, a restart and a wrong parameter: [input safety](safety.md).", "",
               "| node | shipped parameter file |", "|---|---|"]
     for name, _, _, file in NODES:
         target = f"../../ros2_ws/src/vqbet_bringup/config/{file}"
