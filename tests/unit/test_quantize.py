@@ -95,3 +95,14 @@ def test_a_state_model_has_nothing_to_quantize(tmp_path, capsys):
     assert vqbet(["quantize", str(tmp_path / "state_model"), "--data", str(data)]) == 2
     err = capsys.readouterr().err
     assert "has no image encoder" in err and err.count("\n") == 1
+
+
+def test_bench_policy_puts_int8_beside_fp32(image_model, capsys):
+    from vqbet_core.runtime import bench
+
+    data, model = image_model
+    assert bench.main(["--model", str(model), "--steps", "4", "--warmup", "1", "--threads", "1", "--sizes", "32",
+                       "--no-torch", "--int8-data", str(data)]) == 0
+    entry = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["results"]["32x32"]
+    assert {"p50", "p99", "max"} <= set(entry["runtime_int8_ms"]["encoder"])
+    assert entry["int8_encoder_speedup"] > 0 and 0 <= entry["int8_parity"]["code_agreement"] <= 1

@@ -30,7 +30,7 @@ STAGES = ("preprocess", "encoder", "policy", "sample_decode", "total")
 
 def _percentiles(samples: dict[str, list[float]]) -> dict:
     return {k: {"p50": round(float(np.percentile(v, 50)), 4), "p99": round(float(np.percentile(v, 99)), 4),
-                "min": round(float(np.min(v)), 4)} for k, v in samples.items() if v}
+                "max": round(float(np.max(v)), 4), "min": round(float(np.min(v)), 4)} for k, v in samples.items() if v}
 
 
 def _observations(spec, n: int, raw_size: tuple[int, int] | None, seed: int = 0) -> list[tuple[dict, dict]]:
@@ -52,10 +52,10 @@ def _observations(spec, n: int, raw_size: tuple[int, int] | None, seed: int = 0)
 class RuntimeStepper:
     """One runtime control step per call; per-stage milliseconds from ``PolicyRuntime.last_timings``."""
 
-    def __init__(self, model_dir: Path, threads: int | None, providers=None, seed: int = 0):
+    def __init__(self, model_dir: Path, threads: int | None, providers=None, seed: int = 0, precision: str | None = None):
         from vqbet_core.runtime.policy import PolicyRuntime
 
-        self.rt = PolicyRuntime(model_dir, providers=providers, seed=seed, threads=threads)
+        self.rt = PolicyRuntime(model_dir, providers=providers, seed=seed, threads=threads, precision=precision)
         if self.rt.spec.goal_dim:
             spec = self.rt.spec
             self.rt.reset(goal=spec.goal_names[0] if spec.goal_names else spec.normalizer.stats["goal"]["mean"])
@@ -147,6 +147,29 @@ def bench_pair(runtime: RuntimeStepper, torch_side: TorchStepper | None, obs: li
     return _percentiles(rt_samples), (_percentiles(th_samples) if torch_side is not None else None)
 
 
+def _int8_side(model_dir: Path, tmp: Path, label: str, args, obs: list, fp32: dict) -> dict:
+    """Quantize a copy of ``model_dir`` (decision check reported, not enforced) and time it on the same steps."""
+    import shutil
+
+    from vqbet_core.export.quantize import quantize_encoder
+
+    copy = tmp / f"int8_{label}"
+    if copy.exists():
+        shutil.rmtree(copy)
+    shutil.copytree(model_dir, copy)
+    from vqbet_core.data.store import ZarrDataset
+
+    n = ZarrDataset.open(args.int8_data, "r").n_steps
+    frames = min(100, max(8, n // 2))
+    report = quantize_encoder(copy, args.int8_data, frames=frames, holdout=min(50, n - frames), min_agreement=0.0,
+                              min_cosine=0.0)
+    stepper = RuntimeStepper(copy, args.threads, args.providers, precision="int8")
+    res, _ = bench_pair(stepper, None, obs, args.warmup)
+    return {"runtime_int8_ms": res, "int8_parity": report["parity"],
+            "int8_encoder_speedup": round(fp32["encoder"]["p50"] / res["encoder"]["p50"], 3) if res["encoder"]["p50"] else None,
+            "int8_step_speedup": round(fp32["total"]["p50"] / res["total"]["p50"], 3) if res["total"]["p50"] else None}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="vqbet bench policy",
                                 description="Per-stage step latency of an exported model: onnxruntime runtime vs torch eager (one JSON line).")
@@ -161,6 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--providers", nargs="+", default=None, help="onnxruntime providers (default TensorRT > CUDA > CPU)")
     p.add_argument("--torch-device", default="auto", help="torch side: cpu | cuda | auto (cuda when onnxruntime uses it)")
     p.add_argument("--no-torch", action="store_true", help="measure the runtime only")
+    p.add_argument("--int8-data", default=None, metavar="D.zarr",
+                   help="also measure an int8 encoder (vqbet quantize, calibrated on this dataset's frames) side by side")
     args = p.parse_args(argv)
 
     from vqbet_core.runtime.spec import load_spec
@@ -205,7 +230,9 @@ def main(argv: list[str] | None = None) -> int:
             rt_res, th_res = bench_pair(runtime, torch_side, obs, args.warmup)
             entry = {"image_size": None if size is None else [size, size],
                      "raw_frame": None if not sub.image_keys else list(args.raw_size or sub.preprocess[sub.image_keys[0]].size),
-                     "providers": providers, "runtime_ms": rt_res}
+                     "providers": providers, "precision": runtime.rt.precision, "runtime_ms": rt_res}
+            if args.int8_data and sub.image_keys:
+                entry.update(_int8_side(model_dir, Path(tmp), label, args, obs, rt_res))
             total = rt_res["total"]["p50"]
             entry["outside_graphs_fraction"] = round(rt_res["outside_graphs"]["p50"] / total, 4) if total else None
             if th_res is not None:
