@@ -224,9 +224,10 @@ def test_results_file_has_the_kitchen_goal_place():
 
 def test_chart_script_draws_the_results(tmp_path):
     pytest.importorskip("matplotlib")
-    out = _generator().write_chart(tmp_path / "results.png")
-    assert out.stat().st_size > 10_000
-    assert (REPO / "docs" / "images" / "results.png").exists(), f"regenerate: {REGENERATE} chart"
+    gen = _generator()
+    for draw, name in ((gen.write_chart, "results.png"), (gen.write_latency_chart, "latency.png")):
+        assert draw(tmp_path / name).stat().st_size > 10_000
+        assert (REPO / "docs" / "images" / name).exists(), f"regenerate: {REGENERATE} chart"
 
 
 # ---------------------------------------------------------------------------------------------- claims
