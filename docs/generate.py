@@ -99,9 +99,11 @@ def _parser_section(parser: argparse.ArgumentParser, title: str, level: str = "#
         else:
             name = action.metavar or action.dest
         choices = ", ".join(_code(c) for c in action.choices) if action.choices else ""
-        help_text = (action.help or "") % {"default": action.default} if action.help and "%(" in action.help else (action.help or "")
         if action.help == argparse.SUPPRESS:
             continue
+        help_text = action.help or ""
+        if "%(" in help_text:  # as argparse expands it in --help
+            help_text = help_text % {**vars(action), "prog": parser.prog}
         optional_positional = action.nargs in ("?", "*", argparse.REMAINDER)
         required = "yes" if action.required and not optional_positional else ""
         rows.append(f"| `{_cell(name)}` | {_cell(required)} | {_cell(_default(action))} | {_cell(choices)} | {_cell(help_text)} |")
