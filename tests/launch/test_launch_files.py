@@ -8,6 +8,7 @@ SIGTERM / SIGKILL, and the recorder's open episode committed (read back with pla
 from __future__ import annotations
 
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -94,10 +95,11 @@ def _recording(obs: L.Observer, status: list, launch, min_steps: int = 5) -> dic
                                       and s["length"] >= min_steps), None), timeout=90, launch=launch)
 
 
-@pytest.mark.parametrize("presses", [1, 2], ids=["ctrl_c", "double_ctrl_c"])
-def test_record_launch_stop_commits_the_open_episode(run, presses):
+@pytest.mark.parametrize("stop", ["ctrl_c", "double_ctrl_c", "sigint_to_launch"])
+def test_record_launch_stop_commits_the_open_episode(run, stop):
     """record.launch.py (no namespace, the installed parameter file, task:= overridden) with an episode open:
-    Ctrl-C or a double Ctrl-C commits it."""
+    Ctrl-C, a double Ctrl-C, or a SIGINT to ``ros2 launch`` alone (``docker stop`` with the image's STOPSIGNAL,
+    a supervisor) commits it."""
     from std_msgs.msg import String
 
     cal = R.write_calibration(run["cwd"])
@@ -120,14 +122,19 @@ def test_record_launch_stop_commits_the_open_episode(run, presses):
         obs.spin(0.25)
     assert response.success, response.message
     open_episode = _recording(obs, status, launch)
-    took = launch.assert_clean_exit(launch.interrupt(presses), STOP_WITHIN)
+    if stop == "sigint_to_launch":
+        started = time.monotonic()
+        launch.proc.send_signal(signal.SIGINT)
+    else:
+        started = launch.interrupt(2 if stop == "double_ctrl_c" else 1)
+    took = launch.assert_clean_exit(started, STOP_WITHIN)
     assert fake.poll() is None  # the publisher was not part of the launch
     store = L.read_store(run["cwd"] / "demos.zarr")
     assert len(store["episode_ends"]) == 1, store
     assert store["episode_ends"][0] >= open_episode["length"], (store, open_episode)
     assert set(store["lengths"].values()) == {store["episode_ends"][-1]}, store  # no uncommitted leftovers
     assert "committed episode 0" in launch.output()
-    print(f"record.launch.py: {presses} x Ctrl-C -> exit 0 in {took:.2f} s, open episode committed "
+    print(f"record.launch.py: {stop} -> exit 0 in {took:.2f} s, open episode committed "
           f"({store['episode_ends'][0]} steps)")
 
 
