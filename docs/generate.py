@@ -611,7 +611,7 @@ def results_table() -> str:
                   _figure(task.get("vqbet_paper")), _figure(task.get("bet_paper"))] if measured
                  else ["not measured yet", "", "", ""])
         lines.append(f"| {task['name']} | {task['metric']} | " + " | ".join(cells)
-                     + f" | [{'details' if measured else 'how-to'}](docs/{task['details']}) |")
+                     + f" | [details](docs/{task['details']}) |")
     return "\n".join(lines + [TABLE_END])
 
 
