@@ -57,6 +57,7 @@ def test_readme_results_table_is_current():
     assert gen.README.read_text() == text, _stale(gen.README, text, "readme")
 
 
+@pytest.mark.ros
 @pytest.mark.timeout(600)
 def test_nodes_reference_is_current(tmp_path):
     """Builds every node in a subprocess (rclpy, private ROS domain) and a tiny model for policy_node."""
