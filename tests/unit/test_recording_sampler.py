@@ -427,3 +427,37 @@ def test_store_appears_atomically(tmp_path, attrs):
     EpisodeWriter(out, attrs, background=False).close()
     assert out.exists() and not list(out.parent.glob(".d.zarr.*"))
     assert ZarrDataset.open(out).n_episodes == 0
+
+
+@pytest.mark.parametrize("background", [False, True])
+def test_subtask_marks_become_task_index_at_commit(tmp_path, background):
+    """The operator's "done" marks label every step (hindsight), written into the open episode before it commits."""
+    import zarr
+
+    (tmp_path / "cal.yaml").write_text(
+        "joint_names: [a, b]\njoint_limits: {lower: -1, upper: 1, velocity: 1}\ncontrol_hz: 10\n"
+        "cameras: {front: {topic: /cam, size: [4, 3]}}\n")
+    cal = load_calibration(tmp_path / "cal.yaml")
+    attrs = dataset_attrs(cal, ["front"], 10.0, "test", {"max_age": 0.1, "task_names": ["kettle", "microwave"]})
+    assert attrs["task_names"] == ["kettle", "microwave"] and "task_index" in attrs["keys"]
+    out = tmp_path / "marks.zarr"
+    w = EpisodeWriter(out, attrs, min_free_mb=0, stop_free_mb=0, flush_every=2, background=background)
+    w.start()
+    for k in range(7):
+        w.add(k * 100_000_000, _step(k))
+        if k == 2:
+            w.mark(k * 100_000_000 + 50_000_000, "microwave")  # between steps 2 and 3: step 2 is the last of it
+    w.mark(5 * 100_000_000, "kettle")  # at step 5's stamp, sent after step 6 arrived
+    with pytest.raises(VqbetError, match="'oven'.*expected one of"):
+        w.mark(0, "oven")
+    w.commit()
+    w.start()  # a second episode without marks: no subtask (-1)
+    for k in range(3):
+        w.add(10**9 + k * 100_000_000, _step(k))
+    w.commit()
+    w.close()
+    root = zarr.open_group(str(out), mode="r")  # plain zarr
+    assert root["data/task_index"][:].tolist() == [1, 1, 1, 0, 0, 0, -1, -1, -1, -1]
+    assert root["meta/episode_ends"][:].tolist() == [7, 10] and root.attrs["task_names"] == ["kettle", "microwave"]
+    with pytest.raises(VqbetError, match="needs an open episode"):
+        w.mark(0, "kettle")

@@ -588,6 +588,21 @@ class ZarrDataset:
     def pending_steps(self) -> int:
         return self._pending
 
+    def rewrite_pending(self, key: str, values: np.ndarray) -> None:
+        """Overwrite ``key`` for every step of the open episode (still invisible, so readers never see the old
+        values): for per-step labels known only at the episode's end, such as ``task_index`` from the
+        operator's "subtask done" marks (DESIGN.md section 9)."""
+        self._require_writable()
+        values = np.asarray(values)
+        if len(values) != self._pending:
+            raise DatasetError(f"{self.path}: rewrite of data/{key} with {len(values)} steps, the open episode has {self._pending}")
+        if key not in self._arrays and key not in self._staged:
+            raise DatasetError(f"{self.path}: data/{key} has no steps in the open episode to rewrite")
+        rel, meta = self._target(key, values)
+        arr = self._view(rel, meta, self.n_steps + self._pending)
+        arr[self.n_steps : self.n_steps + self._pending] = values.astype(arr.dtype)
+        _written(f"chunks {rel}")
+
     def commit_episode(self, attrs: Mapping | None = None) -> int:
         """Make the written steps one visible episode (the commit point), with ``attrs`` changed in the same
         atomic step (e.g. per-episode lists). Returns the episode's index.

@@ -307,6 +307,11 @@ class EpisodeWriter:
                  stop_free_mb: float = 256.0, flush_every: int = 30, background: bool = True,
                  check_keys: Iterable[str] = ("joint_names", "control_hz", "cameras")):
         self.path = Path(path)
+        # long-horizon recordings (DESIGN.md section 9): attrs task_names -> a per-step data/task_index, from
+        # the "subtask done" marks (mark()), written into the open episode just before it is committed
+        self.task_names: list[str] = [str(n) for n in (attrs.get("task_names") or [])]
+        self._stamps: list[int] = []
+        self._marks: list[tuple[int, str]] = []
         self.min_free = int(min_free_mb * 1024 * 1024)
         self.stop_free = int(stop_free_mb * 1024 * 1024)
         self.flush_every = max(1, int(flush_every))
@@ -396,6 +401,7 @@ class EpisodeWriter:
         self._meta = {"episode_tasks": str(task), "episode_sources": str(source), "episode_notes": ""}
         self._written = 0
         self._buffer = []
+        self._stamps, self._marks = [], []
         data = self.ds.root["data"]
         self._buffered_keys = {k: (tuple(data[k].shape[1:]), data[k].dtype) for k in self.ds.keys
                                if k != "timestamp"} or None
@@ -415,6 +421,8 @@ class EpisodeWriter:
             raise VqbetError("no episode is being recorded (call start first)")
         self._raise_pending_error()
         values = dict(values)
+        if self.task_names:  # the real labels replace these at commit (rewrite_pending)
+            values["task_index"] = np.int64(-1)
         if self._buffered_keys is None:
             self._buffered_keys = {k: (np.shape(v), np.asarray(v).dtype) for k, v in values.items()}
         elif len(values) != len(self._buffered_keys) or any(
@@ -423,6 +431,7 @@ class EpisodeWriter:
             raise MessageError(f"step does not match the episode's keys/shapes: got {got}, "
                                f"expected { {k: s for k, (s, _) in self._buffered_keys.items()} }")
         self._buffer.append((int(stamp), values))
+        self._stamps.append(int(stamp))
         self.last_stamp = int(stamp)
         if len(self._buffer) >= self.flush_every:
             self._flush()
@@ -430,6 +439,29 @@ class EpisodeWriter:
             if free < self.stop_free:
                 raise DiskFullError(f"disk space low: {free / 2**20:.0f} MB free on the disk of {self.path} "
                                     f"(stop_free_mb={self.stop_free / 2**20:.0f}); recording stopped")
+
+    def mark(self, stamp: int, task: str) -> int:
+        """The operator's "subtask ``task`` is done" at ``stamp`` (ns): every step of the open episode up to that
+        time not yet claimed by an earlier mark belongs to ``task``. Returns how many marks the episode has."""
+        if not self.recording:
+            raise VqbetError("no episode is being recorded: a subtask mark needs an open episode")
+        if not self.task_names:
+            raise VqbetError("this recording has no task_names (set the recorder's task_names parameter)")
+        if task not in self.task_names:
+            raise VqbetError(f"subtask '{task}': expected one of the task names {self.task_names}")
+        self._marks.append((int(stamp), str(task)))
+        return len(self._marks)
+
+    def _task_index(self, n: int) -> np.ndarray:
+        from vqbet_core.data.tasks import task_index_from_marks
+
+        stamps = np.asarray(self._stamps[:n], dtype=np.int64)
+        steps = []
+        for stamp, task in sorted(self._marks):
+            last = int(np.searchsorted(stamps, stamp, side="right")) - 1  # last step at or before the mark
+            if last >= 0:
+                steps.append((last, task))
+        return task_index_from_marks(n, steps, self.task_names)
 
     def _flush(self) -> None:
         if not self._buffer:
@@ -490,6 +522,8 @@ class EpisodeWriter:
             return EpisodeResult(-1, 0, note or "empty episode, nothing committed")
         if self._written != length:
             note = note or "truncated"
+        if self.task_names and "task_index" in (self._buffered_keys or {}):
+            self.ds.rewrite_pending("task_index", self._task_index(length))
         meta = dict(self._meta, episode_notes=note)
         attrs = self.ds.attrs
         lists = {k: list(attrs.get(k) or [])[: self.ds.n_episodes] + [meta[k]] for k in EPISODE_LISTS}
@@ -553,6 +587,9 @@ def dataset_attrs(calibration, camera_names: Iterable[str], control_hz: float, s
     attrs["keys"] = sorted(stream_keys(names) + ["timestamp"])
     attrs["source"] = source
     attrs["recording"] = dict(settings or {})
+    if (settings or {}).get("task_names"):  # long-horizon recording: data/task_index indexes these
+        attrs["task_names"] = [str(n) for n in settings["task_names"]]
+        attrs["keys"] = sorted(attrs["keys"] + ["task_index"])
     return attrs
 
 
