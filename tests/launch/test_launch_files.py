@@ -84,7 +84,8 @@ def test_policy_launch_namespace_params_file_and_arguments(run, blockpush_model)
                       "model": str(blockpush_model), "trigger": "timer"}, values
     # topics: the parameter file's absolute names (a robot's controller and drivers are not namespaced)
     obs.wait_for("the trajectory publisher", lambda: node in obs.publishers("/arm_controller/joint_trajectory"))
-    assert node in obs.subscribers("/joint_states") and node in obs.subscribers("/camera/image_raw")
+    obs.wait_for("its subscriptions", lambda: node in obs.subscribers("/joint_states")
+                 and node in obs.subscribers("/camera/image_raw"), timeout=15)
     took = launch.assert_clean_exit(launch.interrupt(), STOP_WITHIN)
     print(f"policy.launch.py: Ctrl-C -> exit 0 in {took:.2f} s")
 
@@ -113,8 +114,8 @@ def test_record_launch_stop_commits_the_open_episode(run, stop):
     values = obs.parameters("/recorder_node", ["output", "calibration", "task", "on_shutdown", "max_age"])
     assert values == {"output": "demos.zarr", "calibration": str(cal), "task": "pick_cube", "on_shutdown": "commit",
                       "max_age": 0.1}, values  # max_age: the installed config/recorder.yaml
-    assert "/recorder_node" in obs.subscribers("/joint_states")
-    assert "/recorder_node" in obs.subscribers("/teleop/joint_command")
+    obs.wait_for("its subscriptions", lambda: "/recorder_node" in obs.subscribers("/joint_states")
+                 and "/recorder_node" in obs.subscribers("/teleop/joint_command"), timeout=15)
     for _ in range(40):  # the streams may still be being discovered: start is refused until they flow
         response = obs.trigger("/recorder_node/start_episode")
         if response.success:
