@@ -447,7 +447,7 @@ def test_subtask_marks_become_task_index_at_commit(tmp_path, background):
         w.add(k * 100_000_000, _step(k))
         if k == 2:
             w.mark(k * 100_000_000 + 50_000_000, "microwave")  # between steps 2 and 3: step 2 is the last of it
-    w.mark(5 * 100_000_000, "kettle")  # at step 5's stamp, sent after step 6 arrived
+    w.mark(6 * 100_000_000, "kettle")  # at step 6's stamp (it shows the kettle done), sent after step 6 arrived
     with pytest.raises(VqbetError, match="'oven'.*expected one of"):
         w.mark(0, "oven")
     w.commit()

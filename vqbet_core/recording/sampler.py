@@ -441,8 +441,8 @@ class EpisodeWriter:
                                     f"(stop_free_mb={self.stop_free / 2**20:.0f}); recording stopped")
 
     def mark(self, stamp: int, task: str) -> int:
-        """The operator's "subtask ``task`` is done" at ``stamp`` (ns): every step of the open episode up to that
-        time not yet claimed by an earlier mark belongs to ``task``. Returns how many marks the episode has."""
+        """The operator's "subtask ``task`` is done" at ``stamp`` (ns): every step of the open episode stamped
+        before that time and not claimed by an earlier mark belongs to ``task``. Returns the episode's mark count."""
         if not self.recording:
             raise VqbetError("no episode is being recorded: a subtask mark needs an open episode")
         if not self.task_names:
@@ -458,7 +458,9 @@ class EpisodeWriter:
         stamps = np.asarray(self._stamps[:n], dtype=np.int64)
         steps = []
         for stamp, task in sorted(self._marks):
-            last = int(np.searchsorted(stamps, stamp, side="right")) - 1  # last step at or before the mark
+            # the last step stamped strictly before the mark: the step at the mark's time already shows the
+            # subtask done (a simulator reports it with the observation after the completing action)
+            last = int(np.searchsorted(stamps, stamp, side="left")) - 1
             if last >= 0:
                 steps.append((last, task))
         return task_index_from_marks(n, steps, self.task_names)
