@@ -9,9 +9,12 @@ the overlapping earlier ones (the controller replaces trajectories without blend
 
 Safety: starts disabled (``enabled`` parameter / ``~/enable`` std_srvs/SetBool); stops commanding -
 one "hold" trajectory, then nothing - when any input is older than ``max_age`` or missing, and says
-why in the log and ``/diagnostics``; the history restarts whenever commanding (re)starts. Bad messages
-(wrong encoding or size, mismatched joint arrays, NaN) are counted, logged at a throttled rate and
-skipped; they never stop the node.
+why in the log and ``/diagnostics``; the history restarts whenever commanding (re)starts. Input ages follow
+the clock rule of :mod:`vqbet_core.recording.clock` (``max(now - stamp, now - receive time)``; stamps more
+than ``future_tolerance`` ahead are refused; each stream's clock offset is in ``/diagnostics``), so a
+sender's clock ahead of ours cannot stretch ``max_age``. Bad messages (undeserializable bytes, wrong
+encoding or size, corrupt JPEG/PNG headers, future stamps, mismatched joint arrays, NaN) are counted on
+arrival, logged at a throttled rate and skipped; they never stop the node. docs/reference/safety.md.
 
 Interfaces (every topic can also be remapped):
   in   cameras of the model, topics from the calibration (Image or CompressedImage, ``image_qos.*``);
