@@ -98,26 +98,29 @@ def _recording(obs: L.Observer, status: list, launch, min_steps: int = 5) -> dic
 
 @pytest.mark.parametrize("stop", ["ctrl_c", "double_ctrl_c", "sigint_to_launch"])
 def test_record_launch_stop_commits_the_open_episode(run, stop):
-    """record.launch.py (no namespace, the installed parameter file, task:= overridden) with an episode open:
-    Ctrl-C, a double Ctrl-C, or a SIGINT to ``ros2 launch`` alone (``docker stop`` with the image's STOPSIGNAL,
-    a supervisor) commits it."""
+    """record.launch.py (the installed parameter file, task:= overridden; in a namespace for the last variant) with
+    an episode open: Ctrl-C, a double Ctrl-C, or a SIGINT to ``ros2 launch`` alone (``docker stop`` with the
+    image's STOPSIGNAL, a supervisor) commits it."""
     from std_msgs.msg import String
 
     cal = R.write_calibration(run["cwd"])
     fake = run["procs"]().start("fake_streams", R.fake_streams_args(run["cwd"] / "pub.jsonl", joint_hz=100))
-    launch = run["launch"](["record.launch.py", "output:=demos.zarr", f"calibration:={cal}", "task:=pick_cube"])
+    ns = "rec1" if stop == "sigint_to_launch" else ""
+    rec = f"/{ns}/recorder_node" if ns else "/recorder_node"
+    launch = run["launch"](["record.launch.py", "output:=demos.zarr", f"calibration:={cal}", "task:=pick_cube"]
+                           + ([f"namespace:={ns}"] if ns else []))
     obs = run["observer"]()
-    status = obs.listen("/recorder_node/status", String, json_data=True)
-    obs.wait_for("recorder services", lambda: {f"/recorder_node/{s}" for s in ("start_episode", "end_episode",
+    status = obs.listen(f"{rec}/status", String, json_data=True)
+    obs.wait_for("recorder services", lambda: {f"{rec}/{s}" for s in ("start_episode", "end_episode",
                                                                                "discard_episode")} <= set(obs.services()),
                  launch=launch)
-    values = obs.parameters("/recorder_node", ["output", "calibration", "task", "on_shutdown", "max_age"])
+    values = obs.parameters(rec, ["output", "calibration", "task", "on_shutdown", "max_age"])
     assert values == {"output": "demos.zarr", "calibration": str(cal), "task": "pick_cube", "on_shutdown": "commit",
                       "max_age": 0.1}, values  # max_age: the installed config/recorder.yaml
-    obs.wait_for("its subscriptions", lambda: "/recorder_node" in obs.subscribers("/joint_states")
-                 and "/recorder_node" in obs.subscribers("/teleop/joint_command"), timeout=15)
+    obs.wait_for("its subscriptions", lambda: rec in obs.subscribers("/joint_states")
+                 and rec in obs.subscribers("/teleop/joint_command"), timeout=15)
     for _ in range(40):  # the streams may still be being discovered: start is refused until they flow
-        response = obs.trigger("/recorder_node/start_episode")
+        response = obs.trigger(f"{rec}/start_episode")
         if response.success:
             break
         obs.spin(0.25)
@@ -128,6 +131,8 @@ def test_record_launch_stop_commits_the_open_episode(run, stop):
         launch.proc.send_signal(signal.SIGINT)
     else:
         started = launch.interrupt(2 if stop == "double_ctrl_c" else 1)
+    if ns:
+        assert "/recorder_node" not in obs.node_names()
     took = launch.assert_clean_exit(started, STOP_WITHIN)
     assert fake.poll() is None  # the publisher was not part of the launch
     store = L.read_store(run["cwd"] / "demos.zarr")
