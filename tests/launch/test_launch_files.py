@@ -111,9 +111,8 @@ def test_record_launch_stop_commits_the_open_episode(run, stop):
                            + ([f"namespace:={ns}"] if ns else []))
     obs = run["observer"]()
     status = obs.listen(f"{rec}/status", String, json_data=True)
-    obs.wait_for("recorder services", lambda: {f"{rec}/{s}" for s in ("start_episode", "end_episode",
-                                                                               "discard_episode")} <= set(obs.services()),
-                 launch=launch)
+    services = {f"{rec}/{name}" for name in ("start_episode", "end_episode", "discard_episode")}
+    obs.wait_for("recorder services", lambda: services <= set(obs.services()), launch=launch)
     values = obs.parameters(rec, ["output", "calibration", "task", "on_shutdown", "max_age"])
     assert values == {"output": "demos.zarr", "calibration": str(cal), "task": "pick_cube", "on_shutdown": "commit",
                       "max_age": 0.1}, values  # max_age: the installed config/recorder.yaml
@@ -126,13 +125,13 @@ def test_record_launch_stop_commits_the_open_episode(run, stop):
         obs.spin(0.25)
     assert response.success, response.message
     open_episode = _recording(obs, status, launch)
+    if ns:
+        assert "/recorder_node" not in obs.node_names()
     if stop == "sigint_to_launch":
         started = time.monotonic()
         launch.proc.send_signal(signal.SIGINT)
     else:
         started = launch.interrupt(2 if stop == "double_ctrl_c" else 1)
-    if ns:
-        assert "/recorder_node" not in obs.node_names()
     took = launch.assert_clean_exit(started, STOP_WITHIN)
     assert fake.poll() is None  # the publisher was not part of the launch
     store = L.read_store(run["cwd"] / "demos.zarr")
