@@ -25,6 +25,7 @@ episode was lost. So the nodes install their own handlers instead
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import threading
@@ -64,8 +65,6 @@ def install_stop_handlers(name: str) -> StopRequest:
         stop.request(signum)
         if not first and len(stop.signals) == 2:
             # os.write: no buffered I/O inside a signal handler (a print interrupting a print raises)
-            import os
-
             try:
                 os.write(2, f"{name}: {signal.Signals(signum).name} again: already stopping, cleanup runs to its "
                             f"end (ignored)\n".encode())
