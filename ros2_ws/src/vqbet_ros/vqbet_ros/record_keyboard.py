@@ -24,13 +24,13 @@ import sys
 import time
 
 import rclpy
-from rcl_interfaces.srv import GetParameters
 from rclpy.executors import ExternalShutdownException
 from rclpy.node import Node
 from std_msgs.msg import String
 from std_srvs.srv import Trigger
 
 from vqbet_core.errors import VqbetError
+from vqbet_ros.answering import AnswerProbe
 from vqbet_ros.params import declare
 
 HELP = "keys: s = start episode, e = end (commit), d = discard, t = set task label, q = quit"
@@ -52,22 +52,20 @@ class RecordKeyboard(Node):
         self.say = lambda line: print(line, flush=True)
         self.clients_by_key = {key: self.create_client(Trigger, f"{recorder}/{name}")
                                for key, name in (("s", "start_episode"), ("e", "end_episode"), ("d", "discard_episode"))}
-        self.probe = self.create_client(GetParameters, f"{recorder}/get_parameters")
+        self.probe = AnswerProbe(self, recorder)
         self.task_pub = self.create_publisher(String, f"{recorder}/task", 10)
 
     def wait_for_recorder(self, client) -> str | None:
         """Until the recorder answers a harmless request and ``client``'s service is there; an error text or None."""
         end = time.monotonic() + (self.wait or float("inf"))
         said = False
+        wait = lambda future, timeout: rclpy.spin_until_future_complete(self, future, timeout_sec=timeout)  # noqa: E731
         while True:
-            if self.probe.service_is_ready() and client.service_is_ready():
-                future = self.probe.call_async(GetParameters.Request(names=[]))
-                rclpy.spin_until_future_complete(self, future, timeout_sec=0.5 if not said else 1.0)
-                if future.done() and future.result() is not None:
+            if client.service_is_ready() and self.probe.client.service_is_ready():
+                if self.probe.once(wait, 0.5 if not said else 1.0):
                     if said:
                         self.say(f"recorder {self.recorder} is ready")
                     return None
-                self._drop_probe(future)
             else:
                 rclpy.spin_once(self, timeout_sec=0.1)
             if not said:
@@ -75,12 +73,6 @@ class RecordKeyboard(Node):
                 said = True
             if time.monotonic() > end:
                 return f"recorder {self.recorder} not available after {self.wait:g} s (is recorder_node running?)"
-
-    def _drop_probe(self, future) -> None:
-        try:
-            self.probe.remove_pending_request(future)
-        except Exception:  # noqa: BLE001 - absent in older rclpy: the late answer is then just ignored
-            pass
 
     def call(self, key: str) -> str:
         client = self.clients_by_key[key]
