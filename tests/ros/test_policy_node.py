@@ -769,3 +769,54 @@ def test_corrupt_compressed_frames_are_all_counted_on_arrival(tiny_model, tmp_pa
         executor.shutdown()
         node.destroy_node()
         rclpy.shutdown(context=context)
+
+
+def test_enable_answers_the_first_call_after_each_restart(tiny_model, tmp_path):
+    """Issue 24.5 for the policy: a long-lived client (this test's node) sees policy_node SIGKILLed and restarted;
+    once the node's log says ``ready:``, the client's first ~/enable, made after one AnswerProbe round trip
+    (vqbet_ros.answering), is answered every time."""
+    from std_srvs.srv import SetBool
+
+    from vqbet_ros.answering import AnswerProbe
+
+    cal_path = _calibration(tmp_path / "cal.yaml")
+    cal = load_calibration(cal_path)
+    env = ros_env()
+    peer = Peer(int(env["ROS_DOMAIN_ID"]), cal.joint_names, (cal.lower + cal.upper) / 2)
+    probe = AnswerProbe(peer.node, "/policy_node")
+    client = peer.node.create_client(SetBool, "/policy_node/enable")
+
+    def wait(future, timeout):
+        end = time.monotonic() + timeout
+        while not future.done() and time.monotonic() < end:
+            time.sleep(0.01)
+
+    answered, proc = [], None
+    try:
+        for i in range(4):
+            log_path = tmp_path / f"node{i}.log"
+            with open(log_path, "wb") as log:
+                proc = subprocess.Popen([sys.executable, "-m", "vqbet_ros.policy_node", "--ros-args", "-p",
+                                         f"model:={tiny_model}", "-p", f"calibration:={cal_path}", "-p",
+                                         "task_sequence:=[microwave]", "-p", "threads:=1"],
+                                        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            peer.wait_for(lambda: "ready:" in log_path.read_text() or proc.poll() is not None, 90, "ready")
+            assert proc.poll() is None, log_path.read_text()[-2000:]
+            t0 = time.monotonic()
+            end = t0 + 30
+            while not (client.service_is_ready() and probe.once(wait, 1.0)):
+                assert time.monotonic() < end, "the restarted policy_node never answered get_parameters"
+                time.sleep(0.05)
+            future = client.call_async(SetBool.Request(data=True))
+            wait(future, 10.0)
+            assert future.done() and future.result().success, f"restart {i}: ~/enable not answered"
+            answered.append(round(time.monotonic() - t0, 3))
+            proc.kill()  # SIGKILL: its endpoints linger in this client's view
+            proc.wait(10)
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+        peer.close()
+    print(f"~/enable answered {answered} s after 'ready:' (probe + call) on each of 4 starts")
+    assert len(answered) == 4
