@@ -21,8 +21,16 @@ Interfaces (every topic can also be remapped):
        ``joint_states_topic`` (JointState, by name; partial messages are merged per joint);
        ``~/goal_reached`` (std_msgs/Empty: advance ``task_sequence``)
   out  ``trajectory_topic`` (JointTrajectory), ``/diagnostics`` (enabled state, input rates and ages, bad-message
-       counts, skipped steps, stops, clamping, inference latency p50/p99), ``~/step_timing`` (when ``publish_timing``)
+       counts, skipped steps, stops, clamping, inference latency p50/p99, subtask progress and completion score),
+       ``~/sequence_status`` (std_msgs/String, JSON: the task sequence, current subtask, completion score, advances),
+       ``~/step_timing`` (when ``publish_timing``)
   srv  ``~/enable`` (std_srvs/SetBool), ``~/next_goal`` (std_srvs/Trigger: advance ``task_sequence``)
+
+Long-horizon sequences (DESIGN.md section 9): with ``task_sequence`` set, the goal is its current subtask; a
+model with a completion head advances it by itself when its completion score stays at or above
+``completion_threshold`` for ``completion_debounce`` s (:class:`vqbet_core.runtime.sequencer.TaskSequencer`,
+the rule ``vqbet eval --advance model`` uses), the operator with ``~/next_goal`` / ``~/goal_reached``; the
+score counts only while enabled; after the last subtask the node holds and disables itself.
 
 Run: ``ros2 run vqbet_ros policy_node --ros-args -p model:=models/NAME -p calibration:=robot.yaml``
 or ``python -m vqbet_ros.policy_node --ros-args ...``.
@@ -30,6 +38,7 @@ or ``python -m vqbet_ros.policy_node --ros-args ...``.
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from collections import deque
@@ -198,12 +207,13 @@ def make_node_class():
     from rclpy.qos import QoSProfile, ReliabilityPolicy
     from rclpy.serialization import deserialize_message
     from sensor_msgs.msg import CompressedImage, Image, JointState
-    from std_msgs.msg import Empty, Float64MultiArray
+    from std_msgs.msg import Empty, Float64MultiArray, String
     from std_srvs.srv import SetBool, Trigger
     from trajectory_msgs.msg import JointTrajectory
 
     from vqbet_core.calibration import load_calibration
     from vqbet_core.runtime import PolicyRuntime
+    from vqbet_core.runtime.sequencer import TaskSequencer
     from vqbet_ros import ros_convert
     from vqbet_ros.cpu_affinity import parse_cpus, pin_process
     from vqbet_ros.diagnostics import Diagnostics
@@ -240,7 +250,9 @@ def make_node_class():
                     ("hold_settle", p["hold_settle"] >= 0, ">= 0 seconds (0 = one control period)"),
                     ("blend_exp_weight", p["blend_exp_weight"] >= 0, ">= 0"),
                     ("diagnostics_period", p["diagnostics_period"] > 0, "> 0 seconds"),
-                    ("threads", p["threads"] >= 0, ">= 0 (0 = onnxruntime's default)")):
+                    ("threads", p["threads"] >= 0, ">= 0 (0 = onnxruntime's default)"),
+                    ("completion_threshold", 0 < p["completion_threshold"] <= 1, "in (0, 1] (a completion score)"),
+                    ("completion_debounce", p["completion_debounce"] >= 0, ">= 0 seconds")):
                 if not ok:
                     raise VqbetError(f"parameter {name} must be {expected}, got {p[name]}")
             if p["cpus"]:  # before onnxruntime starts its threads; the DDS threads are moved too
@@ -272,6 +284,7 @@ def make_node_class():
             self.cameras = [k[len("camera_"):] for k in spec.image_keys]
             self.sequence = self._check_sequence(p["task_sequence"])
             self.goal_index = 0
+            self.sequencer = self._make_sequencer(self.sequence)
 
             # state
             self.enabled = False
@@ -317,6 +330,9 @@ def make_node_class():
             self.create_service(SetBool, "~/enable", self._on_enable)
             self.create_service(Trigger, "~/next_goal", self._on_next_goal)
             self.create_subscription(Empty, "~/goal_reached", self._on_goal_reached, 10)
+            # the long-horizon task's state (JSON): current subtask, progress, completion score, advances
+            self.status_pub = self.create_publisher(String, "~/sequence_status", QoSProfile(
+                depth=10, reliability=ReliabilityPolicy.RELIABLE))
             self.diagnostics = Diagnostics(self, "policy", hardware_id=calib.robot)
             self.add_on_set_parameters_callback(self._on_set_parameters)
             if p["trigger"] == "timer" or not self.cameras:
@@ -369,6 +385,13 @@ def make_node_class():
                 "hold_on_stop": declare("hold_on_stop", True, "on stop, send one hold trajectory (else just stop sending)"),
                 "hold_settle": declare("hold_settle", 0.0, "seconds to come to the hold point; 0 = one control period"),
                 "task_sequence": declare("task_sequence", [""], "goal names, in order (goal-conditioned models)", True),
+                "advance_on_completion": declare("advance_on_completion", True, "advance task_sequence when the "
+                                                 "model's completion score passes completion_threshold (models with "
+                                                 "a completion head; ~/next_goal always works)"),
+                "completion_threshold": declare("completion_threshold", 0.5, "completion score that counts as "
+                                                "'subtask done'"),
+                "completion_debounce": declare("completion_debounce", 0.0, "seconds the completion score must stay "
+                                               "at or above the threshold before the goal advances"),
                 "seed": declare("seed", 0, "code sampling seed"),
                 "temperature": declare("temperature", -1.0, "sampling temperature; < 0 = the model's, 0 = argmax"),
                 "providers": declare("providers", [""], "onnxruntime providers; empty = TensorRT > CUDA > CPU", True),
@@ -418,6 +441,7 @@ def make_node_class():
                     except VqbetError as exc:
                         return SetParametersResult(successful=False, reason=str(exc))
                     self.sequence, self.goal_index, self.sequence_done = seq, 0, False
+                    self.sequencer = self._make_sequencer(seq)
                     self.fresh_start = True  # new task: new episode
                     self.get_logger().info(f"task sequence {seq}")
                 elif param.name == "enabled":
@@ -599,6 +623,8 @@ def make_node_class():
                 self.get_logger().warning(f"step skipped, prediction rejected: {exc}", throttle_duration_sec=5.0)
                 return False
             runtime_ms = (time.perf_counter() - t_rt) * 1e3
+            if self._completion_advances(obs_stamp):
+                return True  # the goal moved on (or the sequence ended): this chunk was for the last subtask
             t_pub = time.perf_counter()
             try:
                 traj = make_safe_trajectory(chunk.actions, chunk.times, chunk.stamp, q[self.action_idx], self._now(),
@@ -679,21 +705,54 @@ def make_node_class():
                 self.get_logger().warning(f"~/enable refused: {response.message}")
             return response
 
+        def _make_sequencer(self, seq: list[str]):
+            if not seq:
+                return None
+            return TaskSequencer(seq, known=list(self.spec.goal_names), threshold=float(self.p["completion_threshold"]),
+                                 debounce=float(self.p["completion_debounce"]))
+
+        def _completion_advances(self, stamp: float) -> bool:
+            """Feed the step's completion score to the sequence (DESIGN.md section 9); True when the goal moved."""
+            if self.sequencer is None or self.runtime.completion is None or not self.p["advance_on_completion"]:
+                return False
+            if not self.sequencer.update(self.runtime.completion, stamp, active=self.enabled):
+                return False
+            ok, message = self._after_advance()
+            self.get_logger().info(f"completion score {self.runtime.completion:.2f}: {message}")
+            return True
+
         def _advance_goal(self) -> tuple[bool, str]:
             if not self.sequence:
                 return False, "no task_sequence set"
             if self.sequence_done:
                 return False, "task sequence already complete"
-            self.goal_index += 1
-            if self.goal_index >= len(self.sequence):
-                self.goal_index = len(self.sequence) - 1
+            self.sequencer.advance(self._now(), "operator")
+            return self._after_advance()
+
+        def _after_advance(self) -> tuple[bool, str]:
+            """The sequencer moved on: the next goal (same episode, history kept), or hold when it is finished."""
+            self.goal_index = min(self.sequencer.index, len(self.sequence) - 1)
+            if self.sequencer.finished:
                 self.sequence_done = True
                 self.enabled = False
                 self._stop("task sequence complete")
-                return True, "task sequence complete: disabled"
-            goal = self.sequence[self.goal_index]
-            self.runtime.set_goal(goal)  # same episode, history kept
-            return True, f"goal {self.goal_index + 1}/{len(self.sequence)}: {goal}"
+                message = "task sequence complete: disabled"
+            else:
+                goal = self.sequence[self.goal_index]
+                self.runtime.set_goal(goal)
+                message = f"goal {self.goal_index + 1}/{len(self.sequence)}: {goal}"
+            self._publish_status()
+            return True, message
+
+        def _publish_status(self) -> None:
+            seq = self.sequencer
+            status = {"task_sequence": self.sequence, "goal": self.sequence[self.goal_index] if self.sequence else "",
+                      "done": seq.index if seq else 0, "length": len(self.sequence),
+                      "finished": bool(self.sequence_done), "enabled": self.enabled,
+                      "completion_score": self.runtime.completion,
+                      "threshold": float(self.p["completion_threshold"]),
+                      "advances": [{"stamp": t, "subtask": name, "by": by} for t, name, by in (seq.events if seq else [])]}
+            self.status_pub.publish(String(data=json.dumps(status)))
 
         def _on_next_goal(self, request, response):
             try:
@@ -717,6 +776,8 @@ def make_node_class():
             values = {"enabled": self.enabled, "commanding": self.commanding, "state": self.stop_reason or "commanding",
                       "goal": self.sequence[self.goal_index] if self.sequence else "",
                       "goal_index": self.goal_index, "task_sequence": ",".join(self.sequence),
+                      "sequence_progress": f"{self.sequencer.index if self.sequencer else 0}/{len(self.sequence)}",
+                      "completion_score": "" if self.runtime.completion is None else f"{self.runtime.completion:.3f}",
                       "control_hz": self.control_hz, "providers": ",".join(self.runtime.providers),
                       "max_age": self.p["max_age"], "future_tolerance": self.p["future_tolerance"]}
             for s in self._streams():
@@ -742,6 +803,8 @@ def make_node_class():
             else:
                 level, message = "warn", f"not commanding: {self.stop_reason}"
             self.diagnostics.publish(level, message, values)
+            if self.sequence:
+                self._publish_status()
 
         def finish(self) -> None:
             """On shutdown: leave the arm holding, not finishing a chunk nobody supervises."""
