@@ -19,6 +19,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--episode-topic", default=None,
                         help="std_msgs/String marker topic that splits episodes ('start [task]', 'end', 'discard', "
                              "or the recorder's ~/episode_events JSON); default: one episode per bag")
+    parser.add_argument("--subtask-topic", default=None,
+                        help="std_msgs/String 'subtask done' marks (the recorder's ~/subtask_done: a subtask name, "
+                             "stamped with its log time, or JSON {\"task\": name, \"stamp\": seconds}) -> per-step "
+                             "data/task_index; needs --task-names")
+    parser.add_argument("--task-names", default="",
+                        help="comma-separated subtask names data/task_index indexes, in order (e.g. the recorder's "
+                             "task_names); with --subtask-topic")
     parser.add_argument("--control-hz", type=float, default=None, help="sampling rate (default: the calibration's)")
     parser.add_argument("--max-age", type=float, default=0.1, help="drop a tick when a stream's latest message is older (s)")
     parser.add_argument("--max-wait", type=float, default=0.5,
@@ -54,7 +61,8 @@ def run(args) -> int:
         episode_topic=args.episode_topic, control_hz=args.control_hz, max_age=args.max_age, max_wait=args.max_wait,
         stamp_source=args.stamp, future_tolerance=args.future_tolerance, preprocess=not args.no_preprocess, task=args.task,
         min_free_mb=args.min_free_mb, stop_free_mb=min(256.0, args.min_free_mb),
-        workers=args.workers, segment_seconds=args.segment_seconds,
+        workers=args.workers, segment_seconds=args.segment_seconds, subtask_topic=args.subtask_topic,
+        task_names=[n.strip() for n in args.task_names.split(",") if n.strip()],
     )
     log = lambda line: print(line, file=sys.stderr)  # noqa: E731
     reports = convert_bags(args.bags, calibration, args.out, options, progress=not args.no_progress, log=log)

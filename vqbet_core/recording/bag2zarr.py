@@ -12,6 +12,15 @@ Episodes: one per bag (ticks from the first to the last message), or split by a 
 recorder's episodes exactly. As live, an episode covers the ticks from its start to its end marker; a
 start without an end before the bag ends is not converted (live, it was never committed either).
 
+Subtask marks (long-horizon recordings, DESIGN.md section 9): with ``subtask_topic`` and ``task_names``
+(``--subtask-topic``, ``--task-names``), the ``std_msgs/String`` "subtask done" marks on that topic - the
+messages the recorder's ``~/subtask_done`` takes: a plain subtask name, stamped with its log time, or JSON
+``{"task": name, "stamp": seconds}`` - give each step its ``data/task_index``, with the recorder's rule
+(:meth:`EpisodeWriter.mark`: the last step stamped before a mark closes its subtask). A mark belongs to the
+episode whose window (start to end) holds its stamp. Recording the recorder's ``~/subtask_done`` topic in
+the bag therefore reproduces the live ``task_index``. A mark naming a subtask outside ``task_names`` stops
+the bag with one line naming it.
+
 Each episode's source (``<bag path>#<k>``) is kept in ``.zattrs`` ``episode_sources``; converting a bag
 again skips the episodes already in the dataset, so a run interrupted by a corrupt bag can be repeated.
 
@@ -42,6 +51,8 @@ from vqbet_core.recording.messages import (
     choose_stamp,
     command_kind,
     frame_for_dataset,
+    check_stamp,
+    parse_subtask_mark,
 )
 from vqbet_core.recording.sampler import (
     NS,
@@ -84,10 +95,15 @@ class BagOptions:
     stop_free_mb: float = 256.0
     workers: int = 0  # processes converting segments in parallel; 0 = one per CPU, 1 = a single pass
     segment_seconds: float = 2.0  # ticks per parallel segment, in seconds of recording
+    subtask_topic: str | None = None  # "subtask done" marks (std_msgs/String) -> data/task_index
+    task_names: list = field(default_factory=list)  # what data/task_index indexes (needed with subtask_topic)
 
     def settings(self) -> dict:
-        return {"max_age": self.max_age, "max_wait": self.max_wait, "stamp_source": self.stamp_source,
-                "future_tolerance": self.future_tolerance, "preprocess_images": self.preprocess}
+        out = {"max_age": self.max_age, "max_wait": self.max_wait, "stamp_source": self.stamp_source,
+               "future_tolerance": self.future_tolerance, "preprocess_images": self.preprocess}
+        if self.task_names:
+            out["task_names"] = list(self.task_names)
+        return out
 
 
 @dataclass
@@ -196,6 +212,7 @@ class _BagSession:
         self.preprocess = {n: calibration.cameras[n].preprocess if options.preprocess else None for n in self.cam_names}
         self.bad_ids: set | None = None  # segment mode: (stream, topic, log ns) of every bad message met
         self.skewed = False
+        self.marks: list[tuple[int, str]] = []  # (stamp ns, subtask) of the "subtask done" marks, read by windows()
 
     def _require(self, topic: str, types: set) -> str:
         conns = self.by_topic.get(topic)
@@ -209,8 +226,10 @@ class _BagSession:
 
     # ------------------------------------------------------------------ episodes
     def windows(self) -> list[tuple[int, int, str, str]]:
-        """(start, end, task, source id) of every episode in this bag, in order."""
+        """(start, end, task, source id) of every episode in this bag, in order (and the subtask marks)."""
         bag_id = str(self.bag.resolve())
+        if self.opt.subtask_topic:
+            self.marks = self._read_marks()
         if not self.opt.episode_topic:
             start, end = self.reader.start_time, self.reader.end_time
             return [(start, end, self.opt.task, f"{bag_id}#0")]
@@ -222,6 +241,28 @@ class _BagSession:
             except Exception as exc:  # a bad marker is counted, the others still split the bag
                 self._bad_marker(exc)
         return [(s, e, t or self.opt.task, f"{bag_id}#{k}") for k, (s, e, t) in enumerate(episode_windows(markers))]
+
+    def _read_marks(self) -> list[tuple[int, str]]:
+        """The "subtask done" marks of ``subtask_topic``: (stamp ns, name) by stamp; a mark with a name outside
+        ``task_names`` is a BagError naming it; an unreadable mark (or one stamped in the future) is counted."""
+        topic = self.opt.subtask_topic
+        self._require(topic, {STRING_TYPE})
+        marks, unknown = [], []
+        tolerance = int(self.opt.future_tolerance * NS)
+        for conn, log_ns, raw in self._messages(self.by_topic[topic]):
+            try:
+                name, stamp = parse_subtask_mark(self.reader.deserialize(raw, conn.msgtype).data, log_ns)
+                check_stamp(stamp, log_ns, tolerance)  # the clock rule: the log time is the receive time
+            except Exception as exc:  # noqa: BLE001 - a bad mark is counted; the others still label the steps
+                self.sampler.bad(topic, f"bad subtask mark: {exc}")
+                continue
+            if name not in self.opt.task_names:
+                unknown.append(name)
+            marks.append((stamp, name))
+        if unknown:
+            raise BagError(f"bag {self.bag}: subtask marks on {topic} name {sorted(set(unknown))}, not in --task-names "
+                           f"{list(self.opt.task_names)}")
+        return sorted(marks)
 
     def _bad_marker(self, exc) -> None:
         self.sampler.bad(self.opt.episode_topic, f"bad episode marker: {exc}")
@@ -430,6 +471,9 @@ class _BagSession:
     def _commit(self, window, note: str = "", dropped: int = 0, stale: dict | None = None) -> None:
         """Commit the current episode and add its counts to the report (single pass and parallel alike)."""
         self.sampler.stop()
+        for stamp, name in self.marks:  # the marks of this episode's window, as the recorder takes them live
+            if window[0] <= stamp <= window[1]:
+                self.writer.mark(stamp, name)
         result = self.writer.commit(note=note)
         self.report.dropped += dropped
         for k, n in (stale or {}).items():
@@ -519,6 +563,12 @@ def convert_bags(bags, calibration, out, options: BagOptions | None = None, prog
         raise VqbetError(f"workers must be >= 0 (0 = one per CPU), got {options.workers}")
     if not options.segment_seconds > 0:
         raise VqbetError(f"segment seconds must be > 0, got {options.segment_seconds}")
+    if options.subtask_topic and not options.task_names:
+        raise VqbetError("--subtask-topic needs --task-names (the subtask names data/task_index indexes, in order)")
+    if options.task_names and not options.subtask_topic:
+        raise VqbetError("--task-names needs --subtask-topic (the topic of the 'subtask done' marks)")
+    if len(set(options.task_names)) != len(options.task_names):
+        raise VqbetError(f"--task-names has a name twice: {list(options.task_names)}")
     workers = resolve_workers(options.workers)
     pool = _make_pool(workers) if workers > 1 else None  # first: no threads of ours running yet
     try:

@@ -11,6 +11,7 @@ callers count it and skip the message, never crash.
 
 from __future__ import annotations
 
+import json
 from typing import Callable, Sequence
 
 import cv2
@@ -263,3 +264,31 @@ def command_kind(msgtype: str) -> str:
     if short not in ("JointState", "JointTrajectory"):
         raise MessageError(f"teleop command type {msgtype!r} is not JointState or JointTrajectory")
     return short
+
+
+def parse_subtask_mark(data: str, now_ns: int) -> tuple[str, int]:
+    """A ``~/subtask_done`` message -> (subtask name, stamp ns): a plain name (stamped ``now_ns``, the receive
+    time) or JSON ``{"task": name, "stamp": seconds}`` (or ``"stamp_ns"``; no stamp = the receive time).
+
+    Seconds are resolved to the microsecond: a float64 carries only ~0.2 us at today's epoch, and a mark
+    stamped with a control tick's time (the simulator's completions) must not land a few ns after it.
+    Used by ``recorder_node`` (live) and ``bag2zarr --subtask-topic`` (``now_ns`` = the bag's log time)."""
+    text = data.strip()
+    if not text.startswith("{"):
+        if not text:
+            raise MessageError("empty subtask mark: expected a subtask name or JSON {\"task\": name, \"stamp\": seconds}")
+        return text, int(now_ns)
+    try:
+        obj = json.loads(text)
+        task = str(obj["task"]).strip()
+        if obj.get("stamp_ns") is not None:
+            stamp = int(obj["stamp_ns"])
+        elif obj.get("stamp") is not None:
+            stamp = int(round(float(obj["stamp"]) * 1e6)) * 1000
+        else:
+            stamp = int(now_ns)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise MessageError(f"subtask mark is not JSON {{\"task\": name, \"stamp\": seconds}} ({type(exc).__name__}: {exc})") from None
+    if stamp <= 0:
+        raise MessageError(f"subtask mark stamp {stamp} ns: expected a time > 0")
+    return task, stamp

@@ -1,4 +1,5 @@
-"""record_keyboard: the operator's keys for the recorder - s start, e end (commit), d discard, t task, q quit.
+"""record_keyboard: the operator's keys for the recorder - s start, e end (commit), d discard, t task,
+m subtask done, q quit.
 
 Why a separate helper: the operator's hands are on the teleop device; one key per action (no typing
 of service calls) makes start/end timing consistent. It calls the recorder's std_srvs/Trigger services
@@ -12,6 +13,13 @@ yes (a killed recorder's endpoints linger for seconds) while a request or its an
 a lost ``start_episode`` cannot simply be sent again. Meanwhile it prints one line,
 ``waiting for recorder /recorder_node ...``, and the key press is carried out once the recorder is there
 (``wait`` seconds at most; 0 = no limit).
+
+Subtask marks (long-horizon recordings, DESIGN.md section 9): with ``task_sequence`` (the subtasks in the
+order the operator will do them, e.g. ``-p "task_sequence:=[microwave, kettle, light_switch]"``), ``m``
+marks the current subtask done: it publishes its name on ``<recorder>/subtask_done`` (the recorder stamps it
+with its receive time), prints which one was marked and moves to the next. ``s`` (a started episode)
+begins the sequence again. ``m <name>`` marks a named subtask instead (out of sequence; the sequence then
+continues after it). The recorder's ``task_names`` must list every name.
 
 Run: ``ros2 run vqbet_ros record_keyboard --ros-args -p recorder:=/recorder_node``
 """
@@ -33,7 +41,7 @@ from vqbet_core.errors import VqbetError
 from vqbet_ros.answering import AnswerProbe
 from vqbet_ros.params import declare
 
-HELP = "keys: s = start episode, e = end (commit), d = discard, t = set task label, q = quit"
+HELP = "keys: s = start episode, e = end (commit), d = discard, t = set task label, m = subtask done, q = quit"
 
 
 class RecordKeyboard(Node):
@@ -54,6 +62,38 @@ class RecordKeyboard(Node):
                                for key, name in (("s", "start_episode"), ("e", "end_episode"), ("d", "discard_episode"))}
         self.probe = AnswerProbe(self, recorder)
         self.task_pub = self.create_publisher(String, f"{recorder}/task", 10)
+        self.sequence = [str(n) for n in declare(self, "task_sequence", [""], "subtasks in the order they are done; "
+                                                 "key m marks the current one done", array=True) if str(n)]
+        self.next_subtask = 0  # index into sequence of the subtask being done
+        self.mark_pub = self.create_publisher(String, f"{recorder}/subtask_done", 50)
+
+    def _publish(self, pub, data: str) -> str | None:
+        """Publish once the recorder subscribes (a message sent before discovery matched it is lost)."""
+        end = self.get_clock().now().nanoseconds + int(self.timeout * 1e9)
+        while pub.get_subscription_count() == 0:
+            if self.get_clock().now().nanoseconds > end:
+                return f"not sent: nobody subscribes to {pub.topic_name}"
+            rclpy.spin_once(self, timeout_sec=0.05)
+        pub.publish(String(data=data))
+        return None
+
+    def mark(self, name: str = "") -> str:
+        """``m``: the current subtask of ``task_sequence`` (or ``name``) is done."""
+        if not name:
+            if not self.sequence:
+                return "no task_sequence: give -p \"task_sequence:=[a, b, c]\" or type 'm <subtask name>'"
+            if self.next_subtask >= len(self.sequence):
+                return f"all {len(self.sequence)} subtasks of the sequence are marked: end the episode (e)"
+            name = self.sequence[self.next_subtask]
+        error = self._publish(self.mark_pub, name)
+        if error:
+            return f"subtask '{name}' {error}"
+        if name in self.sequence[self.next_subtask:]:
+            self.next_subtask = self.sequence.index(name, self.next_subtask) + 1
+        upcoming = self.sequence[self.next_subtask] if self.next_subtask < len(self.sequence) else ""
+        position = f" ({self.sequence.index(name) + 1} of {len(self.sequence)})" if name in self.sequence else ""
+        return (f"marked: subtask '{name}' done{position}" + (f"; next: '{upcoming}'" if upcoming else
+                                                             ("; sequence complete" if self.sequence else "")))
 
     def wait_for_recorder(self, client) -> str | None:
         """Until the recorder answers a harmless request and ``client``'s service is there; an error text or None."""
@@ -85,17 +125,16 @@ class RecordKeyboard(Node):
             return (f"no answer from {client.srv_name} within {self.timeout:g} s (it may still have acted: "
                     f"see {self.recorder}/status before pressing again)")
         result = future.result()
+        if key == "s" and result.success:
+            self.next_subtask = 0  # a new episode: the sequence starts again
+            if self.sequence:
+                return f"ok: {result.message}; first subtask: '{self.sequence[0]}'"
         return ("ok: " if result.success else "refused: ") + result.message
 
     def set_task(self, label: str) -> str:
         # a message published before discovery has matched the recorder is lost: wait for it first
-        end = self.get_clock().now().nanoseconds + int(self.timeout * 1e9)
-        while self.task_pub.get_subscription_count() == 0:
-            if self.get_clock().now().nanoseconds > end:
-                return f"task label not sent: nobody subscribes to {self.task_pub.topic_name}"
-            rclpy.spin_once(self, timeout_sec=0.05)
-        self.task_pub.publish(String(data=label))
-        return f"task label: '{label}'"
+        error = self._publish(self.task_pub, label)
+        return f"task label {error}" if error else f"task label: '{label}'"
 
     def command(self, line: str) -> str | None:
         """One command (a key, or ``t <label>``); returns the text to show, None to quit."""
@@ -109,6 +148,8 @@ class RecordKeyboard(Node):
             return self.call(key)
         if key == "t":
             return self.set_task(rest)
+        if key == "m":
+            return self.mark(rest)
         return HELP
 
 

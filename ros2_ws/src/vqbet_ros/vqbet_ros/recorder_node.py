@@ -7,7 +7,9 @@ episode is visible only once committed, and the store is repaired on start.
 
 Interfaces (all names are parameters or remaps):
   in   cameras from the calibration (Image or CompressedImage), ``joint_states_topic``, ``command_topic``
-       (JointState or JointTrajectory, ``command_type``), ``~/task`` (std_msgs/String: label of the episode)
+       (JointState or JointTrajectory, ``command_type``), ``~/task`` (std_msgs/String: label of the episode),
+       ``~/subtask_done`` (std_msgs/String: "subtask done" marks of a long-horizon recording, DESIGN.md section 9 -
+       a plain subtask name, stamped with the receive time, or JSON ``{"task": name, "stamp": seconds}``)
   srv  ``~/start_episode``, ``~/end_episode``, ``~/discard_episode`` (std_srvs/Trigger)
   out  ``~/status`` (std_msgs/String, JSON), ``~/episode_events`` (std_msgs/String, JSON markers that
        ``vqbet bag2zarr --episode-topic`` understands), ``/diagnostics``
@@ -36,6 +38,7 @@ from trajectory_msgs.msg import JointTrajectory
 from vqbet_core.calibration import load_calibration
 from vqbet_core.errors import VqbetError
 from vqbet_core.recording.clock import OffsetMeter
+from vqbet_core.recording.messages import check_stamp, parse_subtask_mark
 from vqbet_core.recording.sampler import (
     RECORDING_CHECK_KEYS,
     DiskFullError,
@@ -87,6 +90,11 @@ class RecorderNode(Node):
                     "future_tolerance": p["future_tolerance"],
                     "preprocess_images": p["preprocess_images"], "command_topic": p["command_topic"],
                     "command_type": p["command_type"]}
+        self.task_names = [str(n) for n in p["task_names"] if str(n)]
+        if len(set(self.task_names)) != len(self.task_names):
+            raise VqbetError(f"parameter task_names has a name twice: {self.task_names}")
+        if self.task_names:  # long-horizon recording: data/task_index from the ~/subtask_done marks
+            settings["task_names"] = self.task_names
         attrs = dataset_attrs(self.calibration, cams, self.control_hz, "recorder_node", settings)
         flush = p["flush_every"] or max(1, int(round(self.control_hz)))
         self.writer = EpisodeWriter(p["output"], attrs, min_free_mb=p["min_free_mb"], stop_free_mb=p["stop_free_mb"],
@@ -95,13 +103,18 @@ class RecorderNode(Node):
         if self.writer.recovered_steps:
             log.warning(f"{p['output']}: truncated {self.writer.recovered_steps} leftover steps of an interrupted episode")
         log.info(f"recording to {p['output']} ({self.writer.n_episodes} episodes committed), cameras {cams}, "
-                 f"{self.control_hz:g} Hz, max_age {p['max_age']} s")
+                 f"{self.control_hz:g} Hz, max_age {p['max_age']} s"
+                 + (f", subtasks {self.task_names} (marks on ~/subtask_done)" if self.task_names else ""))
         self.state = "idle"  # idle | recording | stopped (disk)
         self.last_error = ""
         self.latency = {}  # stream -> worst (receive - stamp) seconds since the last status
         self.offsets = {s: OffsetMeter() for s in ("robot_joint", "action", *(camera_key(c) for c in cams))}
         self.future = {}  # stream -> messages refused for a stamp beyond future_tolerance
         self._ending = None  # Future an end_episode call waits on
+        # subtask marks: accepted in the open episode, received in all (accepted or not), refused in all
+        self.marks = {"episode": 0, "received": 0, "refused": 0}
+        self.last_mark = ""
+        self.last_mark_error = ""
 
         for name in cams:
             cam = self.calibration.cameras[name]
@@ -113,6 +126,8 @@ class RecorderNode(Node):
         cmd_type = JointTrajectory if self.command_type == "JointTrajectory" else JointState
         self._subscribe(cmd_type, p["command_topic"], state_qos, "state_qos", self._on_command)
         self.create_subscription(String, "~/task", self._on_task, 10)
+        self.create_subscription(String, "~/subtask_done", self._on_subtask_done,
+                                 QoSProfile(depth=50, reliability=ReliabilityPolicy.RELIABLE))
 
         events_qos = QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE,
                                 durability=DurabilityPolicy.TRANSIENT_LOCAL)
@@ -162,6 +177,8 @@ class RecorderNode(Node):
             "flush_every": declare("flush_every", 0, "steps per disk write; 0 = one second of steps"),
             "status_period": declare("status_period", 1.0, "seconds between ~/status and /diagnostics messages"),
             "on_shutdown": declare("on_shutdown", "commit", "an episode open at shutdown: commit or discard"),
+            "task_names": declare("task_names", [""], "subtask names of a long-horizon recording: each step gets "
+                                  "data/task_index from the ~/subtask_done marks; [''] = none (no task_index)"),
         }
 
     def _on_set_parameters(self, params) -> SetParametersResult:
@@ -258,6 +275,33 @@ class RecorderNode(Node):
         self.task = task
         self.writer.set_task(task)
 
+    def _on_subtask_done(self, msg: String) -> None:
+        """A "subtask done" mark: every step stamped before its time, not claimed by an earlier mark, belongs
+        to that subtask (:meth:`EpisodeWriter.mark`). A bad mark is counted and logged, never fatal."""
+        now = self._now()
+        self.marks["received"] += 1
+        try:
+            task, stamp = parse_subtask_mark(msg.data, now)
+            try:  # the clock rule: a stamp beyond future_tolerance is a bad message
+                check_stamp(stamp, now, self.future_tolerance_ns)
+            except ros_convert.FutureStampError:
+                self.future["subtask_done"] = self.future.get("subtask_done", 0) + 1
+                raise
+            if self.state not in ("recording", "ending"):
+                raise VqbetError(f"no episode is being recorded (recorder {self.state})")
+            self.writer.mark(stamp, task)
+        except VqbetError as exc:
+            self.marks["refused"] += 1
+            self.last_mark_error = f"{msg.data[:80]!r}: {exc}"
+            self.get_logger().warning(f"subtask mark refused ({self.marks['refused']} so far): {self.last_mark_error}")
+            self._publish_status()
+            return
+        self.marks["episode"] += 1
+        self.last_mark = task
+        self.get_logger().info(f"subtask '{task}' done at {stamp * 1e-9:.3f} s (mark {self.marks['episode']} "
+                               f"of episode {self.writer.n_episodes})")
+        self._publish_status()  # at once: a teleop waits for its marks to be counted before it ends the episode
+
     # ------------------------------------------------------------------ clock
     def _on_tick(self) -> None:
         self._take(self._now())
@@ -319,6 +363,7 @@ class RecorderNode(Node):
         self.sampler.start(now)
         self.state = "recording"
         self.last_error = ""
+        self.marks["episode"], self.last_mark = 0, ""
         self._event("start", now, index)
         response.success = True
         response.message = f"episode {index} started" + (f" (task '{self.task}')" if self.task else "")
@@ -411,6 +456,12 @@ class RecorderNode(Node):
             "max_latency_s": {k: round(v, 4) for k, v in self.latency.items()},
             "clock_offset_s": {k: round(m.offset() * 1e-9, 4) for k, m in self.offsets.items() if m.offset() == m.offset()},
             "future_stamps": dict(self.future),
+            "task_names": list(self.task_names),
+            "marks": self.marks["episode"],  # subtask marks accepted in the open (or last) episode
+            "marks_received": self.marks["received"],
+            "marks_refused": self.marks["refused"],
+            "last_mark": self.last_mark,
+            "last_mark_error": self.last_mark_error,
             "last_error": self.last_error,
         }
 

@@ -22,6 +22,15 @@ recorded; with ``exit_when_done`` the process then exits (status 0). Starting th
 reset loses no step: its ticks before the first command (stamped after the reset) are dropped as
 incomplete, so the episode starts exactly at the new world's first observation.
 
+Subtask marks (long-horizon envs such as kitchen, DESIGN.md section 9): while recording, each subtask the
+simulator reports newly complete on ``subtasks_topic`` (``/sim/subtasks``) for the episode being recorded is
+forwarded to the recorder's ``<recorder>/subtask_done`` as JSON ``{"task": name, "stamp": seconds}``, the
+stamp being the tick whose observation shows it complete - the operator's "done" key, played by the
+simulator's ground truth. The recorder (with ``task_names`` set) turns them into ``data/task_index``. Before
+ending an episode the node waits (``mark_wait`` s at most) until the recorder's ``~/status`` has counted
+every mark it forwarded and the episode result's ``completed`` list is forwarded, so no mark arrives after
+the commit.
+
 Run: ``ros2 run vqbet_ros scripted_teleop_node --ros-args -p env:=blockpush -p "env_args:='{action_mode: target}'"``
 (add ``-p recorder:=/recorder_node -p episodes:=10`` to record).
 """
@@ -128,6 +137,15 @@ def make_node_class():
                 self.create_subscription(String, p["result_topic"], self._on_result, QoSProfile(
                     depth=20, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL))
                 self.create_subscription(String, f"{rec}/status", self._on_recorder_status, 10)
+                # subtask marks: the simulator's completions of the recorded episode, forwarded to the recorder
+                self.mark_pub = self.create_publisher(String, f"{rec}/subtask_done", QoSProfile(
+                    depth=50, reliability=ReliabilityPolicy.RELIABLE))
+                self.create_subscription(String, p["subtasks_topic"], self._on_subtasks, QoSProfile(
+                    depth=20, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL))
+                self.marks_sent = 0  # marks forwarded in all
+                self.episode_marks: list[str] = []  # subtasks forwarded for the episode being recorded
+                self.recorder_marks = -1  # marks the recorder has received in all (its ~/status), -1 = not heard
+                self.pending_end: tuple | None = None  # (keep, result, deadline ns) of an episode waiting for its marks
                 self.create_timer(0.2, self._poll_services)
                 log.info(f"recording {p['episodes'] or 'unlimited'} episodes through {rec}")
             log.info(f"expert of env {p['env']} teleoperating joints {self.driver.joint_names} on {p['command_topic']}")
@@ -149,6 +167,10 @@ def make_node_class():
                 "exit_when_done": declare("exit_when_done", False, "exit once the episodes are recorded"),
                 "min_subscribers": declare("min_subscribers", 1, "start recording once this many nodes subscribe to "
                                            "command_topic (the recorder, plus any monitor that must see every command)"),
+                "subtasks_topic": declare("subtasks_topic", "/sim/subtasks", "simulator's subtask completions in "
+                                          "(String, JSON); forwarded as marks to <recorder>/subtask_done"),
+                "mark_wait": declare("mark_wait", 5.0, "longest an episode's end waits for the recorder to count "
+                                     "its subtask marks (s)"),
             }
 
         # -------------------------------------------------------------- teleop
@@ -167,11 +189,50 @@ def make_node_class():
         # -------------------------------------------------------------- recording
         def _on_recorder_status(self, msg) -> None:
             try:
-                self.recorder_streams |= set(json.loads(msg.data).get("max_latency_s", {}))
-            except (ValueError, AttributeError):
+                status = json.loads(msg.data)
+                self.recorder_streams |= set(status.get("max_latency_s", {}))
+                self.recorder_marks = max(self.recorder_marks, int(status.get("marks_received", -1)))
+            except (ValueError, AttributeError, TypeError):
                 pass
+            self._maybe_end()
+
+        def _on_subtasks(self, msg) -> None:
+            """The simulator's completions -> "subtask done" marks, only for the episode being recorded."""
+            try:
+                data = json.loads(msg.data)
+                episode, new, stamp = int(data["episode"]), [str(t) for t in data["new"]], float(data["stamp"])
+            except (ValueError, KeyError, TypeError) as exc:
+                self.get_logger().warning(f"skipped a bad subtask message: {exc}")
+                return
+            if self.phase not in ("recording", "ending") or episode != self.current:
+                return
+            for task in new:
+                self.mark_pub.publish(String(data=json.dumps({"task": task, "stamp": stamp})))
+                self.marks_sent += 1
+                self.episode_marks.append(task)
+                self.get_logger().info(f"sim episode {episode}: subtask '{task}' done at step {data.get('step')}: marked")
+            self._maybe_end()
+
+        def _maybe_end(self) -> None:
+            """End the episode once its marks are all forwarded and counted by the recorder (or mark_wait passed)."""
+            if self.pending_end is None:
+                return
+            keep, result, deadline = self.pending_end
+            completed = result.get("info", {}).get("completed") if isinstance(result.get("info"), dict) else None
+            forwarded = completed is None or len(self.episode_marks) >= len(completed)
+            counted = self.marks_sent == 0 or self.recorder_marks >= self.marks_sent
+            if not (forwarded and counted):
+                if self.get_clock().now().nanoseconds < deadline:
+                    return
+                self.get_logger().warning(
+                    f"sim episode {result['episode']}: ending without every subtask mark counted (forwarded "
+                    f"{self.episode_marks}, completed {completed}, recorder counted {self.recorder_marks} of "
+                    f"{self.marks_sent})")
+            self.pending_end = None
+            self._call("end" if keep else "discard", lambda r: self._on_ended(r, keep, result))
 
         def _poll_services(self) -> None:
+            self._maybe_end()
             if self.phase != "waiting":
                 return
             if (all(c.service_is_ready() for c in self.services_.values()) and "robot_joint" in self.recorder_streams
@@ -220,6 +281,7 @@ def make_node_class():
                 self._fail(f"simulator ~/reset refused: {response.message}")
                 return
             self.current = int(json.loads(response.message)["episode"])
+            self.episode_marks = []
             self.phase = "recording"
             self.get_logger().info(f"recording sim episode {self.current}: {self.recorder_message}")
 
@@ -234,7 +296,9 @@ def make_node_class():
                 return
             self.phase = "ending"
             keep = success or self.p["keep_failed"]
-            self._call("end" if keep else "discard", lambda r: self._on_ended(r, keep, result))
+            deadline = self.get_clock().now().nanoseconds + int(self.p["mark_wait"] * 1e9)
+            self.pending_end = (keep, result, deadline)
+            self._maybe_end()
 
         def _on_ended(self, response, kept: bool, result: dict) -> None:
             log = self.get_logger()
