@@ -68,7 +68,7 @@ def _trajectory(values, rng):
 
 def write_bag(path: Path, storage: str, seconds: float = 2.0, command: str = "JointTrajectory", t0: int = T0,
               markers=(), skip_topics=(), bad_joint_every: int = 0, seed: int = 0, bad_png_every: int = 0,
-              camera_lag_ns: int = 2 * MS, future_joint_every: int = 0):
+              camera_lag_ns: int = 2 * MS, future_joint_every: int = 0, subtask_marks=()):
     """A bag like ``ros2 bag record`` writes: log time = stamp + a small transport latency.
 
     Returns {stream: [(stamp used for sampling, seq)]} of the good messages, for the reference."""
@@ -111,6 +111,8 @@ def write_bag(path: Path, storage: str, seconds: float = 2.0, command: str = "Jo
             used["robot_joint"].append((stamp, k))
     for log, text in markers:
         events.append((log, "/episode", "std_msgs/msg/String", T["std_msgs/msg/String"](data=text)))
+    for log, text in subtask_marks:  # the recorder's ~/subtask_done, as ros2 bag record keeps it
+        events.append((log, "/recorder_node/subtask_done", "std_msgs/msg/String", T["std_msgs/msg/String"](data=text)))
     events.sort(key=lambda e: e[0])
     with Writer(path, version=9, storage_plugin=plugin) as writer:
         conns = {}
@@ -312,3 +314,70 @@ def test_parallel_falls_back_to_one_pass_on_skewed_stamps(tmp_path, cal):
     assert [line for line in lines if "converting in one pass" in line] == [line for line in lines if line]
     assert len(lines) == 1 and one.episodes == par.episodes and one.skipped == par.skipped == 0
     _same_dataset(ds1, ds2)
+
+
+SUBTASKS = ["reach", "grasp", "place"]
+
+
+def _expected_task_index(ticks, marks):
+    """The recorder's rule, written independently: a step belongs to the first mark stamped after it (-1: none)."""
+    out = []
+    for t in ticks:
+        later = [name for stamp, name in sorted(marks) if t < stamp]
+        out.append(SUBTASKS.index(later[0]) if later else -1)
+    return np.array(out, np.int64)
+
+
+@pytest.mark.parametrize("workers", ["0", "1"])
+def test_subtask_marks_reproduce_task_index(tmp_path, cal, capsys, workers):
+    """Issue 25: the "subtask done" marks of a bag (the recorder's ~/subtask_done: plain names stamped with their
+    log time, JSON with a stamp) give data/task_index, per episode window, in a single pass and in segments."""
+    grasp_stamp = T0 + 1_200 * MS  # a tick's time exactly: the step at it already belongs to the next subtask
+    subtask_marks = [(T0 + 650 * MS + 3, "reach"),
+                     (T0 + 1_230 * MS, json.dumps({"task": "grasp", "stamp": grasp_stamp / 1e9})),
+                     (T0 + 1_300 * MS, json.dumps({"task": "place", "stamp": (T0 + 9_000 * MS) / 1e9})),  # 7.7 s ahead
+                     (T0 + 1_310 * MS, "{broken")]
+    write_bag(tmp_path / "bag", "mcap", subtask_marks=subtask_marks)
+    out = tmp_path / "d.zarr"
+    assert _run(tmp_path / "bag", "--calibration", cal, "--out", out, "--subtask-topic", "/recorder_node/subtask_done",
+                "--task-names", ",".join(SUBTASKS), "--workers", workers) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["ok"] and report["bad"] == {"/recorder_node/subtask_done": 2}, report  # the future and the broken one
+    import zarr
+
+    g = zarr.open_group(str(out), mode="r")  # plain zarr: what any reader of the dataset sees
+    assert list(g.attrs["task_names"]) == SUBTASKS
+    ticks = np.round(g["data/timestamp"][:] * 10).astype(np.int64) * 100 * MS
+    ti = g["data/task_index"][:]
+    want = _expected_task_index(ticks, [(T0 + 650 * MS + 3, "reach"), (grasp_stamp, "grasp")])
+    np.testing.assert_array_equal(ti, want)
+    assert set(ti.tolist()) == {-1, 0, 1} and ti[list(ticks).index(grasp_stamp)] == -1
+
+
+def test_subtask_marks_follow_episode_windows_and_unknown_names_fail(tmp_path, cal, capsys):
+    markers = [(T0 + 200 * MS, "start one"), (T0 + 900 * MS, "end"), (T0 + 1_000 * MS, "start two"), (T0 + 1_900 * MS, "end")]
+    marks = [(T0 + 500 * MS + 1, "reach"), (T0 + 1_400 * MS + 1, json.dumps({"task": "place", "stamp_ns": T0 + 1_500 * MS}))]
+    write_bag(tmp_path / "a", "sqlite3", markers=markers, subtask_marks=marks)
+    out = tmp_path / "d.zarr"
+    args = ["--calibration", cal, "--episode-topic", "/episode", "--subtask-topic", "/recorder_node/subtask_done",
+            "--task-names", ",".join(SUBTASKS), "--workers", "1"]
+    assert _run(tmp_path / "a", "--out", out, *args) == 0
+    ds = ZarrDataset.open(out)
+    assert ds.n_episodes == 2
+    for i, (stamp, name) in enumerate([(T0 + 500 * MS + 1, "reach"), (T0 + 1_500 * MS, "place")]):
+        ep = ds.episode(i, ["timestamp", "task_index"])
+        ticks = np.round(ep["timestamp"] * 10).astype(np.int64) * 100 * MS
+        np.testing.assert_array_equal(ep["task_index"], _expected_task_index(ticks, [(stamp, name)]))
+        assert (ep["task_index"] == SUBTASKS.index(name)).sum() >= 3
+    # a mark outside --task-names: one line naming it, the bag is not converted
+    write_bag(tmp_path / "b", "sqlite3", markers=markers, subtask_marks=marks + [(T0 + 600 * MS, "wave")])
+    capsys.readouterr()
+    assert _run(tmp_path / "b", "--out", tmp_path / "e.zarr", *args) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and "['wave']" in err[0] and "not in --task-names" in err[0], err
+    assert ZarrDataset.open(tmp_path / "e.zarr").n_episodes == 0
+    # --subtask-topic without --task-names
+    assert _run(tmp_path / "a", "--out", tmp_path / "f.zarr", "--calibration", cal,
+                "--subtask-topic", "/recorder_node/subtask_done") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--subtask-topic needs --task-names" in err[0], err
