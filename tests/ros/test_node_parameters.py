@@ -50,6 +50,7 @@ NODE_CASES = [
     ("recorder_node", ["calibration:={cal}", "output:=x.zarr", "max_age:=0.0"], "parameter max_age must be > 0"),
     ("recorder_node", ["calibration:={cal}", "output:=x.zarr", "max_wait:=-1.0"], "parameter max_wait must be >= 0"),
     ("recorder_node", ["calibration:={cal}", "output:=x.zarr", "future_tolerance:=-1.0"], "parameter future_tolerance must be >= 0"),
+    ("recorder_node", ["calibration:={cal}", "output:=x.zarr", "task_names:=[a, b, a]"], "parameter task_names has a name twice"),
     ("recorder_node", ["calibration:={cal}", "output:=x.zarr", "control_hz:=fast"], "parameter control_hz: expected a number"),
     ("recorder_node", ["calibration:={cal}", "output:=x.zarr", "status_period:=0.0"], "parameter status_period must be > 0"),
     ("recorder_node", ["calibration:={cal}", "output:=x.zarr", "cameras:=[top]"], "parameter cameras: ['top'] not in calibration"),
@@ -61,6 +62,7 @@ NODE_CASES = [
     ("sim_robot_node", ["env:=nope"], "unknown env 'nope'"),
     ("sim_robot_node", ["control_hz:=fast"], "parameter control_hz: expected a number"),
     ("scripted_teleop_node", ["env:=1"], "parameter env: expected a string"),
+    ("scripted_teleop_node", ["mark_wait:=-1.0"], "parameter mark_wait must be >= 0"),
 ]
 
 

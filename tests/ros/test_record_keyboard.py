@@ -27,9 +27,9 @@ RESTARTS = 6
 
 
 class Keyboard:
-    def __init__(self, env: dict):
+    def __init__(self, env: dict, params: tuple = ()):
         self.proc = subprocess.Popen([sys.executable, "-m", "vqbet_ros.record_keyboard", "--ros-args",
-                                      "-p", "recorder:=/recorder_node"], env=env, stdin=subprocess.PIPE,
+                                      "-p", "recorder:=/recorder_node", *params], env=env, stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
         self.lines: queue.Queue = queue.Queue()
         self.seen: list[str] = []
@@ -94,3 +94,37 @@ def test_first_key_press_works_before_and_after_recorder_restarts(tmp_path):
         procs.close()
     print(f"first start_episode answered {[round(a, 2) for a in answers]} s after each recorder (re)start")
     assert len(answers) == RESTARTS + 1
+
+
+def test_key_m_marks_the_next_subtask_of_the_sequence(tmp_path):
+    """Issue 25: ``m`` marks the current subtask of ``task_sequence`` done on the recorder's ~/subtask_done and says
+    which; the recorder counts the marks of the open episode."""
+    env = S.ros_env()
+    cal = S.write_calibration(tmp_path)
+    procs = S.Procs(env, tmp_path)
+    rec = procs.start("recorder", S.recorder_args(tmp_path / "d.zarr", cal, {"task_names": "[reach, grasp]"}))
+    kb = Keyboard(env, ("-p", "task_sequence:=[reach, grasp]"))
+    client = None
+    try:
+        client = S.Client(int(env["ROS_DOMAIN_ID"]), "/recorder_node")
+        client.wait_ready(proc=rec)
+        kb.expect("keys:")
+        kb.press("s")
+        kb.expect("ok: episode 0 started; first subtask: 'reach'")
+        kb.press("m")
+        kb.expect("marked: subtask 'reach' done (1 of 2); next: 'grasp'")
+        kb.press("m")
+        kb.expect("marked: subtask 'grasp' done (2 of 2); sequence complete")
+        kb.press("m")
+        kb.expect("all 2 subtasks of the sequence are marked")
+        end = time.monotonic() + 20
+        while time.monotonic() < end and not (client.status and client.status[-1]["marks"] == 2):
+            client.spin(0.1)
+        assert client.status and client.status[-1]["marks"] == 2 and client.status[-1]["marks_refused"] == 0, client.status[-1:]
+        kb.press("d")
+        kb.expect("ok: episode discarded")
+    finally:
+        kb.close()
+        if client is not None:
+            client.close()
+        procs.close()

@@ -113,6 +113,8 @@ def make_node_class():
             p = self.p = self._declare_parameters()
             if p["episodes"] < 0:
                 raise VqbetError(f"parameter episodes must be >= 0 (0 = until stopped), got {p['episodes']}")
+            if not p["mark_wait"] >= 0:
+                raise VqbetError(f"parameter mark_wait must be >= 0 seconds, got {p['mark_wait']}")
             if p["min_subscribers"] < 1:
                 raise VqbetError(f"parameter min_subscribers must be >= 1 (the recorder), got {p['min_subscribers']}")
             self.env = make_sim_env(p["env"], parse_env_args(p["env_args"]))
