@@ -24,6 +24,7 @@ class SequenceSpec:
     advance: str = "model"
     threshold: float = 0.5
     debounce: float = 0.0  # seconds
+    refractory: float = 0.0  # seconds after an advance whose scores do not count
 
     def requested(self, env: SimEnv, seed: int) -> list[str]:
         if self.order != "random":
@@ -52,7 +53,7 @@ def run_sequence_episode(env: SimEnv, agent, seed: int, limit: int, seq: Sequenc
         agent.reseed(seed)
     requested = seq.requested(env, seed)
     sequencer = TaskSequencer(requested, known=list(agent.goal_vectors) or None, threshold=seq.threshold,
-                              debounce=seq.debounce)
+                              debounce=seq.debounce, refractory=seq.refractory)
     agent.reset(sequencer.current)
     period = 1.0 / float(getattr(env, "control_hz", 10.0))
     key = env.obs_keys[0]

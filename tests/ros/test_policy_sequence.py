@@ -84,7 +84,7 @@ def start_node(model: Path, cal: Path, log_path: Path, threshold: float, debounc
     env = ros_env()
     args = [sys.executable, "-m", "vqbet_ros.policy_node", "--ros-args", "-r", f"__ns:={NS}",
             "--params-file", str(SHIPPED_YAML), "-p", f"model:={model}", "-p", f"calibration:={cal}",
-            "-p", f"task_sequence:=[{', '.join(TASKS)}]", "-p", f"completion_threshold:={threshold}", "-p", f"completion_debounce:={debounce}",
+            "-p", f"task_sequence:=[{', '.join(TASKS)}]", "-p", f"completion_threshold:={threshold}", "-p", f"completion_debounce:={debounce}", "-p", "completion_refractory:=0.0",
             "-p", "diagnostics_period:=0.25", "-p", "threads:=1"]
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,

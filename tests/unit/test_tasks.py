@@ -93,3 +93,15 @@ def test_sequencer_threshold_debounce_and_operator():
         TaskSequencer(["kettle"], threshold=0.0)
     instant = TaskSequencer(["kettle"], threshold=0.5)
     assert instant.update(0.5, 3.0) and instant.finished
+
+
+def test_sequencer_refractory_time_after_an_advance():
+    """Right after the goal changes the scores do not count (a head that fires there cascaded through sequences)."""
+    seq = TaskSequencer(["kettle", "microwave", "light switch"], threshold=0.5, refractory=1.0)
+    assert seq.update(0.9, 0.0) and seq.current == "microwave"
+    assert not seq.update(0.9, 0.5) and not seq.update(0.9, 0.99)  # within 1 s of the advance
+    assert seq.update(0.9, 1.0) and seq.current == "light switch"
+    seq.advance(1.2, "operator")  # an operator advance starts the refractory time too
+    assert seq.finished
+    with pytest.raises(VqbetError, match="refractory"):
+        TaskSequencer(["kettle"], refractory=-1.0)

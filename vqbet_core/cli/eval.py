@@ -34,6 +34,8 @@ def add_arguments(p) -> None:
                    help="with --advance model: completion score that counts as 'subtask done'")
     p.add_argument("--completion-debounce", type=float, default=0.0,
                    help="with --advance model: seconds the score must stay above the threshold")
+    p.add_argument("--completion-refractory", type=float, default=0.0,
+                   help="with --advance model: seconds after an advance whose scores do not count")
     p.add_argument("--device", default="cpu")
     p.add_argument("--workers", type=int, default=1,
                    help="rollout processes (episodes are spread over them; results equal one process's)")
@@ -80,9 +82,11 @@ def run(args) -> int:
             raise VqbetError("--task-sequence: expected 'random' or comma-separated subtask names, got an empty list")
         if not 0 < args.completion_threshold <= 1:
             raise VqbetError(f"--completion-threshold {args.completion_threshold}: expected a score in (0, 1]")
-        if not args.completion_debounce >= 0:
-            raise VqbetError(f"--completion-debounce {args.completion_debounce}: expected seconds >= 0")
-        sequence = SequenceSpec(order, args.advance, args.completion_threshold, args.completion_debounce)
+        for name in ("debounce", "refractory"):
+            if not getattr(args, f"completion_{name}") >= 0:
+                raise VqbetError(f"--completion-{name} {getattr(args, f'completion_{name}')}: expected seconds >= 0")
+        sequence = SequenceSpec(order, args.advance, args.completion_threshold, args.completion_debounce,
+                                args.completion_refractory)
     spec = RolloutSpec(env=args.env, env_args={}, checkpoint=args.checkpoint, model=args.model, device=args.device,
                        temperature=args.temperature, blend=None if args.blend is None else args.blend == "average",
                        threads=None if workers == 1 else max(1, (os.cpu_count() or 1) // workers), sequence=sequence)

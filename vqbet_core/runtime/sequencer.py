@@ -6,6 +6,11 @@ goal advances when the model's completion score has stayed at or above ``thresho
 seconds (0: the first score above it), or when the operator says so (``advance()``); when the last
 subtask is done the sequence is finished and the caller holds the arm. Scores only count while the
 caller says the policy is running (``update(..., active=True)``): a disabled robot completes nothing.
+
+For ``refractory`` seconds after an advance the scores are not counted. Why: right after the goal
+changes, the robot is still where the last subtask ended - a state the demonstrations never showed with
+the new goal - and a completion head may fire there, which cascaded through a whole sequence in a few
+steps when measured (kitchen_goal, 200 advances in 50 episodes, none on a completed subtask).
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from vqbet_core.errors import VqbetError
 
 class TaskSequencer:
     def __init__(self, sequence: list[str], known: list[str] | None = None, threshold: float = 0.5,
-                 debounce: float = 0.0):
+                 debounce: float = 0.0, refractory: float = 0.0):
         sequence = [str(s) for s in sequence]
         if not sequence:
             raise VqbetError("task sequence: expected at least one subtask name")
@@ -27,8 +32,11 @@ class TaskSequencer:
                 raise VqbetError(f"task sequence: unknown subtask(s) {unknown} (this model knows: {', '.join(known)})")
         if not (isinstance(threshold, (int, float)) and 0.0 < threshold <= 1.0):
             raise VqbetError(f"completion threshold must be in (0, 1], got {threshold!r}")
-        if not (isinstance(debounce, (int, float)) and math.isfinite(debounce) and debounce >= 0):
-            raise VqbetError(f"completion debounce must be a time >= 0 s, got {debounce!r}")
+        for name, value in (("debounce", debounce), ("refractory", refractory)):
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise VqbetError(f"completion {name} must be a time >= 0 s, got {value!r}")
+        self.refractory = float(refractory)
+        self._since: float | None = None  # when the current goal started (for the refractory time)
         self.sequence = sequence
         self.threshold = float(threshold)
         self.debounce = float(debounce)
@@ -53,9 +61,9 @@ class TaskSequencer:
 
     def restart(self, sequence: list[str] | None = None) -> None:
         if sequence is not None:
-            self.__init__(sequence, None, self.threshold, self.debounce)
+            self.__init__(sequence, None, self.threshold, self.debounce, self.refractory)
             return
-        self.index, self.score, self._above_since, self.events = 0, None, None, []
+        self.index, self.score, self._above_since, self.events, self._since = 0, None, None, [], None
 
     def advance(self, now: float, source: str = "operator") -> bool:
         """Go to the next subtask (operator's "done", or the completion rule); False when already finished."""
@@ -64,6 +72,7 @@ class TaskSequencer:
         self.events.append((float(now), self.sequence[self.index], source))
         self.index += 1
         self._above_since = None
+        self._since = float(now)
         return True
 
     def update(self, score: float | None, now: float, active: bool = True) -> bool:
@@ -72,7 +81,7 @@ class TaskSequencer:
         if not active or self.finished or score is None or not math.isfinite(float(score)):
             self._above_since = None
             return False
-        if score < self.threshold:
+        if score < self.threshold or (self._since is not None and now - self._since < self.refractory - 1e-9):
             self._above_since = None
             return False
         if self._above_since is None:

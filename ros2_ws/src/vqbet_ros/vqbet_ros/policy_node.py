@@ -252,7 +252,8 @@ def make_node_class():
                     ("diagnostics_period", p["diagnostics_period"] > 0, "> 0 seconds"),
                     ("threads", p["threads"] >= 0, ">= 0 (0 = onnxruntime's default)"),
                     ("completion_threshold", 0 < p["completion_threshold"] <= 1, "in (0, 1] (a completion score)"),
-                    ("completion_debounce", p["completion_debounce"] >= 0, ">= 0 seconds")):
+                    ("completion_debounce", p["completion_debounce"] >= 0, ">= 0 seconds"),
+                    ("completion_refractory", p["completion_refractory"] >= 0, ">= 0 seconds")):
                 if not ok:
                     raise VqbetError(f"parameter {name} must be {expected}, got {p[name]}")
             if p["cpus"]:  # before onnxruntime starts its threads; the DDS threads are moved too
@@ -392,6 +393,9 @@ def make_node_class():
                                                 "'subtask done'"),
                 "completion_debounce": declare("completion_debounce", 0.0, "seconds the completion score must stay "
                                                "at or above the threshold before the goal advances"),
+                "completion_refractory": declare("completion_refractory", 1.0, "seconds after an advance during which "
+                                                 "completion scores do not count (the robot still stands where the "
+                                                 "last subtask ended)"),
                 "seed": declare("seed", 0, "code sampling seed"),
                 "temperature": declare("temperature", -1.0, "sampling temperature; < 0 = the model's, 0 = argmax"),
                 "providers": declare("providers", [""], "onnxruntime providers; empty = TensorRT > CUDA > CPU", True),
@@ -709,7 +713,8 @@ def make_node_class():
             if not seq:
                 return None
             return TaskSequencer(seq, known=list(self.spec.goal_names), threshold=float(self.p["completion_threshold"]),
-                                 debounce=float(self.p["completion_debounce"]))
+                                 debounce=float(self.p["completion_debounce"]),
+                                 refractory=float(self.p["completion_refractory"]))
 
         def _completion_advances(self, stamp: float) -> bool:
             """Feed the step's completion score to the sequence (DESIGN.md section 9); True when the goal moved."""
