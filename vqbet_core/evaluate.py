@@ -24,7 +24,7 @@ class SequenceSpec:
     advance: str = "model"
     threshold: float = 0.5
     debounce: float = 0.0  # seconds
-    refractory: float = 0.0  # seconds after an advance whose scores do not count
+    refractory: float = 1.0  # seconds after an advance whose scores do not count (policy_node default)
 
     def requested(self, env: SimEnv, seed: int) -> list[str]:
         if self.order != "random":

@@ -34,7 +34,7 @@ def add_arguments(p) -> None:
                    help="with --advance model: completion score that counts as 'subtask done'")
     p.add_argument("--completion-debounce", type=float, default=0.0,
                    help="with --advance model: seconds the score must stay above the threshold")
-    p.add_argument("--completion-refractory", type=float, default=0.0,
+    p.add_argument("--completion-refractory", type=float, default=1.0,
                    help="with --advance model: seconds after an advance whose scores do not count")
     p.add_argument("--device", default="cpu")
     p.add_argument("--workers", type=int, default=1,
