@@ -431,7 +431,8 @@ class EpisodeWriter:
             raise MessageError(f"step does not match the episode's keys/shapes: got {got}, "
                                f"expected { {k: s for k, (s, _) in self._buffered_keys.items()} }")
         self._buffer.append((int(stamp), values))
-        self._stamps.append(int(stamp))
+        if self.task_names:  # kept only for the subtask labels (an hour at 20 Hz would otherwise be ~3 MB)
+            self._stamps.append(int(stamp))
         self.last_stamp = int(stamp)
         if len(self._buffer) >= self.flush_every:
             self._flush()
