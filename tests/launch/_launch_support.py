@@ -81,6 +81,11 @@ def console_scripts(setup_py: Path) -> set[str]:
     return set(re.findall(r'"(\w+) = vqbet_ros\.\w+:main"', setup_py.read_text()))
 
 
+def _default_signals() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 class Launch:
     """``ros2 launch vqbet_bringup ...`` in its own process group, like a terminal's foreground job: the nodes
     are in the same group, so :meth:`interrupt` is what a Ctrl-C does (SIGINT to every process of the group)."""
@@ -88,8 +93,11 @@ class Launch:
     def __init__(self, args: list[str], env: dict, cwd: Path, log: Path):
         self.log = log
         with open(log, "wb") as out:
+            # SIGINT / SIGTERM at their defaults, as in a terminal: a test run started in the background by a
+            # non-interactive shell inherits SIGINT ignored, and ros2 launch then never saw a SIGINT sent to it alone
             self.proc = subprocess.Popen(["ros2", "launch", "vqbet_bringup", *args], env=env, cwd=cwd, stdout=out,
-                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+                                         preexec_fn=_default_signals)
         self.pgid = self.proc.pid
 
     def output(self) -> str:
