@@ -60,7 +60,10 @@ def completion_targets(task_index: np.ndarray, episode_ends: np.ndarray, horizon
     out = np.zeros(len(ti), dtype=np.float32)
     start = 0
     for end in np.asarray(episode_ends, dtype=np.int64):
-        for last, _ in marks_from_task_index(ti[start:end], [str(i) for i in range(max(int(ti.max(initial=0)) + 1, 1))]):
+        ep = ti[start:end]
+        # last step of each subtask run: the label changes after it, or the episode ends
+        lasts = np.nonzero((ep >= 0) & (np.append(ep[1:], -2) != ep))[0]
+        for last in lasts:
             out[start + max(0, last - horizon + 1) : start + last + 1] = 1.0
         start = int(end)
     return out

@@ -59,12 +59,6 @@ class TaskSequencer:
         """(subtasks done, sequence length)."""
         return self.index, len(self.sequence)
 
-    def restart(self, sequence: list[str] | None = None) -> None:
-        if sequence is not None:
-            self.__init__(sequence, None, self.threshold, self.debounce, self.refractory)
-            return
-        self.index, self.score, self._above_since, self.events, self._since = 0, None, None, [], None
-
     def advance(self, now: float, source: str = "operator") -> bool:
         """Go to the next subtask (operator's "done", or the completion rule); False when already finished."""
         if self.finished:
