@@ -91,8 +91,8 @@ def trajectory_stamp_ns(raw: bytes) -> int:
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="vqbet bench ros", description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True, help="exported model folder with a camera (vqbet export)")
-    default_cal = REPO / "calibration" / "franka_sim.yaml"
-    p.add_argument("--calibration", default=str(default_cal) if default_cal.exists() else None,
+    # resolved at run time, so the documented default does not depend on where the checkout lives
+    p.add_argument("--calibration", default=None,
                    help="calibration YAML (joints, camera topic); default: calibration/franka_sim.yaml")
     p.add_argument("--steps", type=int, default=1000, help="measured steps (after --warmup)")
     p.add_argument("--warmup", type=int, default=30, help="steps not measured (onnxruntime and DDS warm-up)")
@@ -122,7 +122,10 @@ def main(argv=None) -> int:
     from vqbet_core.runtime import load_spec
 
     if not args.calibration:
-        raise VqbetError("--calibration is required (no calibration/franka_sim.yaml next to this checkout)")
+        default_cal = REPO / "calibration" / "franka_sim.yaml"
+        if not default_cal.exists():
+            raise VqbetError("--calibration is required (no calibration/franka_sim.yaml next to this checkout)")
+        args.calibration = str(default_cal)
     spec = load_spec(args.model)
     calib = load_calibration(args.calibration)
     if not spec.image_keys:
