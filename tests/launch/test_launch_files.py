@@ -157,6 +157,12 @@ def test_sim_launch_record_mode_in_a_namespace(run):
     nodes = {"/sim1/sim_robot_node", "/sim1/scripted_teleop_node", "/sim1/recorder_node"}
     obs.wait_for("the three nodes", lambda: nodes <= obs.node_names(), launch=launch)
     open_episode = _recording(obs, status, launch)  # teleop -> recorder -> sim services all resolved in /sim1
+    wanted = {f"/sim1/{t}" for t in ("joint_states", "camera/image_raw", "teleop/joint_command", "sim/state",
+                                      "sim/episode_result")}
+    obs.wait_for("the namespaced topics, the camera subscriber and the reset service in the graph",
+                 lambda: wanted <= set(obs.topics()) and "/sim1/recorder_node" in obs.subscribers(
+                     "/sim1/camera/image_raw") and "/sim1/sim_robot_node/reset" in obs.services(),
+                 timeout=30, launch=launch)
     topics = obs.topics()
     for topic in ("joint_states", "camera/image_raw", "teleop/joint_command", "sim/state", "sim/episode_result"):
         assert f"/sim1/{topic}" in topics, sorted(topics)
@@ -208,7 +214,9 @@ def test_sim_launch_policy_mode_with_the_defaults(run, blockpush_model):
     trajectories = obs.listen("/arm_controller/joint_trajectory", JointTrajectory)
     obs.wait_for("3 trajectories from the policy", lambda: len(trajectories) >= 3, timeout=90, launch=launch)
     assert list(trajectories[-1].joint_names) == ["pusher_x", "pusher_y"]
-    assert {"/sim_robot_node", "/policy_node"} <= obs.node_names()
+    # the graph's node list arrives on its own discovery topic, apart from the data: wait for it, never assume it
+    obs.wait_for("both nodes in the graph", lambda: {"/sim_robot_node", "/policy_node"} <= obs.node_names(),
+                 timeout=30, launch=launch)
     values = obs.parameters("/policy_node", ["calibration", "enabled", "trigger"])
     assert values == {"calibration": str(run["share"] / "calibration/blockpush_sim.yaml"), "enabled": True,
                       "trigger": "camera"}, values
