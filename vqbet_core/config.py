@@ -32,8 +32,10 @@ DEFAULTS: dict = {
     "bet": {"n_bins": 24, "offset_weight": 100.0},
     "sampling": {"temperature": 1.0, "sequential": True, "blend": "average"},  # blend: average | none
     # subtask completion head (DESIGN.md section 9): horizon > 0 trains "the current subtask ends within
-    # `horizon` steps" from data/task_index (needs data.goal_key: task_index)
-    "completion": {"horizon": 0, "weight": 1.0, "hidden": 128},
+    # `horizon` steps" from data/task_index (needs data.goal_key: task_index); after > 0 also shows the head
+    # the first `after` steps past each subtask's end with that subtask as the goal, labelled done
+    # (vqbet_core.data.tasks.finished_subtask); `after_fraction` of a batch's size is added as such windows
+    "completion": {"horizon": 0, "weight": 1.0, "hidden": 128, "after": 0, "after_fraction": 0.25},
     "train": {
         "seed": 0,
         "device": "auto",
@@ -99,6 +101,14 @@ def validate_config(cfg: dict, where: str = "config") -> None:
     horizon = cfg["completion"].get("horizon")
     if not isinstance(horizon, int) or isinstance(horizon, bool) or horizon < 0:
         raise ConfigError(f"{where}: completion.horizon must be an integer >= 0 (0 = no completion head), got {horizon!r}")
+    after = cfg["completion"].get("after", 0)
+    if not isinstance(after, int) or isinstance(after, bool) or after < 0:
+        raise ConfigError(f"{where}: completion.after must be an integer >= 0 (steps past a subtask's end), got {after!r}")
+    if after and not horizon:
+        raise ConfigError(f"{where}: completion.after > 0 needs the completion head: set completion.horizon >= 1")
+    fraction = cfg["completion"].get("after_fraction", 0.25)
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
+        raise ConfigError(f"{where}: completion.after_fraction must be a number in (0, 1], got {fraction!r}")
     if horizon and cfg["data"].get("goal_key") != "task_index":
         raise ConfigError(f"{where}: completion.horizon > 0 learns from subtask labels: set data.goal_key: task_index")
     if cfg["gpt"]["n_embd"] % cfg["gpt"]["n_head"]:

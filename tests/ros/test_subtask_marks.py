@@ -157,9 +157,9 @@ def test_kitchen_episode_over_ros_has_the_task_index_of_sim_demos(tmp_path):
 
     raw = yaml.safe_load((S.REPO / "calibration/franka_sim.yaml").read_text())
     raw["cameras"] = {}  # the kitchen without image_size publishes no camera
-    # the simulated kitchen's joints and rate (franka_sim.yaml names a real Panda's joints panda_* at 10 Hz; the
-    # MuJoCo model's are panda0_* and the env steps at 12.5 Hz): the recorder must sample on the simulator's grid
-    raw["joint_names"], raw["control_hz"] = list(direct.attrs["joint_names"]), float(direct.attrs["control_hz"])
+    # the shipped calibration is the simulated kitchen's: its joints and rate (the recorder samples on its grid)
+    assert raw["joint_names"] == list(direct.attrs["joint_names"])
+    assert raw["control_hz"] == float(direct.attrs["control_hz"])
     cal = tmp_path / "franka_nocam.yaml"
     cal.write_text(yaml.safe_dump(raw))
     out = tmp_path / "ros.zarr"

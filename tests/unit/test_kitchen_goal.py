@@ -52,7 +52,7 @@ def test_export_names_one_goal_per_subtask_and_checks_the_completion_output(goal
     _, _, model = goal_run
     meta = yaml.safe_load((model / "model.yaml").read_text())
     assert sorted(meta["goal_names"]) == sorted(ZarrDataset.open(goal_run[0]).attrs["task_names"])
-    assert meta["completion"] == {"horizon": 3, "output": "completion"}
+    assert meta["completion"] == {"horizon": 1, "output": "completion"}
     assert meta["export"]["parity"]["completion_max_abs_error"] < 1e-4
 
 
@@ -107,3 +107,28 @@ def test_a_model_without_subtask_goals_refuses_a_sequence(tmp_path, capsys):
     code = vqbet(["eval", "--checkpoint", str(run), "--env", "multipath", "--episodes", "1", "--task-sequence", "random"])
     err = capsys.readouterr().err
     assert code == 2 and "not goal-conditioned on subtasks" in err and err.count("\n") == 1
+
+
+def test_finished_windows_show_the_done_subtask_as_goal(goal_run):
+    """completion.after: windows just past a subtask's end carry that subtask's goal and done = 1 after its end."""
+    import torch
+
+    from vqbet_core.config import load_config
+    from vqbet_core.data.tasks import finished_subtask
+    from vqbet_core.train.data import TrainingData
+
+    data, _, _ = goal_run
+    cfg = load_config("kitchen_goal", {"data": {"val_fraction": 0.0}})
+    td = TrainingData(cfg, data, torch.device("cpu"), progress=False)
+    task, end_at = finished_subtask(td.task_index, td.episode_ends, 10)
+    b = td.random_batch(td.train, 32, np.random.default_rng(0))
+    obs, goal, done = b.finished
+    assert obs.shape == (8, cfg["obs_window"], td.obs_dim) and goal.shape == (8, td.goal_dim) and done.shape == (8, 10)
+    eligible = td._finished_windows(td.train)
+    assert len(eligible) and (task[td.train.indices(eligible)[0][:, -1]] >= 0).all()
+    for k in eligible[:20]:
+        o, g, d = td.finished_batch(td.train, np.array([k]))
+        last = td.train.indices(np.array([k]))[0][0]
+        assert int(g[0].argmax()) == task[last[-1]] != td.task_index[last[-1]]  # the finished one, not the current
+        assert torch.equal(torch.isnan(d[0]), torch.as_tensor(last <= end_at[last[-1]]))  # its own steps: unscored
+        assert (d[0][~torch.isnan(d[0])] == 1).all()

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from vqbet_core.data.tasks import (completion_targets, marks_from_task_index, named_goal_vectors, one_hot_goals,
-                                   task_index_from_marks)
+from vqbet_core.data.tasks import (completion_targets, finished_subtask, marks_from_task_index, named_goal_vectors,
+                                   one_hot_goals, task_index_from_marks)
 from vqbet_core.errors import VqbetError
 from vqbet_core.runtime.sequencer import TaskSequencer
 
@@ -35,6 +35,20 @@ def test_completion_targets_mark_the_last_steps_of_each_subtask_per_episode():
         completion_targets(ti, np.array([12]), 0)
 
 
+def test_finished_subtask_points_the_first_steps_past_an_end_at_it():
+    # episode 1: kettle 0..3, microwave 4..6 (ends with the episode); episode 2: light switch 7..9, kettle 10..11
+    ti = np.array([1, 1, 1, 1, 0, 0, 0, 2, 2, 2, 1, 1])
+    task, end = finished_subtask(ti, np.array([7, 12]), after=2)
+    assert task.tolist() == [-1, -1, -1, -1, 1, 1, -1, -1, -1, -1, 2, 2]
+    assert end.tolist() == [-1, -1, -1, -1, 3, 3, -1, -1, -1, -1, 9, 9]
+    # a run shorter than `after`: the nearest end wins; nothing crosses into the next episode
+    task, end = finished_subtask(np.array([0, 1, 2, 2, 2]), np.array([5]), after=3)
+    assert task.tolist() == [-1, 0, 1, 1, 1] and end.tolist() == [-1, 0, 1, 1, 1]
+    assert finished_subtask(ti, np.array([12]), after=0)[0].tolist() == [-1] * 12
+    with pytest.raises(VqbetError, match="after"):
+        finished_subtask(ti, np.array([12]), after=-1)
+
+
 def test_one_hot_goals_and_named_vectors_agree():
     goals = one_hot_goals(np.array([2, 0, -1]), 3)
     assert goals.tolist() == [[0, 0, 1], [1, 0, 0], [0, 0, 0]]
@@ -62,6 +76,16 @@ def test_completion_loss_is_bce_on_the_scored_steps_only():
         mask = ~torch.isnan(done)
         want = 2.0 * torch.nn.functional.binary_cross_entropy_with_logits(logits[mask], done[mask])
         assert torch.allclose(loss, want) and "completion_recall" in metrics
+        # windows past a subtask's end (completion.after) run through the GPT and are scored with the rest
+        f_obs, f_goal, f_done = torch.randn(2, 3, 4), torch.eye(3)[:2], torch.tensor([[float("nan"), 1.0, 1.0]] * 2)
+        policy.eval()
+        loss, _ = policy._completion_loss(feats, done, (f_obs, f_goal, f_done))
+        all_feats = torch.cat([feats, policy.gpt(f_obs, f_goal)])
+        all_done = torch.cat([done, f_done])
+        all_logits = policy.completion_head(all_feats).squeeze(-1)
+        mask = ~torch.isnan(all_done)
+        want = 2.0 * torch.nn.functional.binary_cross_entropy_with_logits(all_logits[mask], all_done[mask])
+        assert torch.allclose(loss, want)
         heads = policy.heads(torch.randn(2, 3, 4), torch.eye(3)[:2])
         assert heads.completion.shape == (2,) and ((heads.completion >= 0) & (heads.completion <= 1)).all()
 

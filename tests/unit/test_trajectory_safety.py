@@ -36,8 +36,8 @@ def test_limits_from_calibration_and_scale():
 def test_targets_outside_limits_are_clamped(limits):
     mid = (limits.lower + limits.upper) / 2
     actions, times = chunk(mid, np.zeros(9))
-    actions[:, 0] = 10.0  # far above panda_joint1's upper limit
-    actions[:, 3] = -10.0  # far below panda_joint4's lower limit
+    actions[:, 0] = 10.0  # far above panda0_joint1's upper limit
+    actions[:, 3] = -10.0  # far below panda0_joint4's lower limit
     traj = make_safe_trajectory(actions, times, 100.0, mid, 100.0, SafetyLimits(limits.lower, limits.upper,
                                                                                    np.full(9, 1e3)), lead=0.1)
     assert np.all(traj.positions <= limits.upper + 1e-12) and np.all(traj.positions >= limits.lower - 1e-12)
@@ -177,19 +177,19 @@ def test_joint_state_merger_maps_by_name_and_merges_partial_messages():
     arm = names[:7]
     shuffled = list(reversed(arm)) + ["some_other_joint"]
     assert m.update(shuffled, [float(names.index(n)) if n in names else 99.0 for n in shuffled], 10.0) == 7
-    assert m.partial == 1 and "panda_finger_joint1" in m.problem(10.0, 0.5)  # fingers missing: not ready
+    assert m.partial == 1 and "panda0_finger_joint1" in m.problem(10.0, 0.5)  # fingers missing: not ready
     m.update(names[7:], [7.0, 8.0], 10.2)
     assert m.problem(10.3, 0.5) is None
     np.testing.assert_allclose(m.positions, np.arange(9.0))  # calibration order, whatever the message order
     problem = m.problem(10.6, 0.5)  # the arm joints (stamped 10.0) are now too old
-    assert problem is not None and "old" in problem and "panda_joint" in problem
+    assert problem is not None and "old" in problem and "panda0_joint" in problem
     assert m.age(10.6) == pytest.approx(0.6)
 
 
 @pytest.mark.parametrize("names,positions,match", [
-    (["panda_joint1", "panda_joint2"], [0.0], "2 names but 1 positions"),
-    (["panda_joint1", "panda_joint1"], [0.0, 1.0], "duplicate"),
-    (["panda_joint1", "panda_joint2"], [np.nan, 0.0], "non-finite.*panda_joint1"),
+    (["panda0_joint1", "panda0_joint2"], [0.0], "2 names but 1 positions"),
+    (["panda0_joint1", "panda0_joint1"], [0.0, 1.0], "duplicate"),
+    (["panda0_joint1", "panda0_joint2"], [np.nan, 0.0], "non-finite.*panda0_joint1"),
 ])
 def test_joint_state_merger_rejects_malformed_messages_whole(names, positions, match):
     from vqbet_ros.policy_node import JointStateMerger

@@ -11,6 +11,13 @@ step ``i`` is positive when its subtask is marked done within the next ``horizon
 subtask "ends soon". Why this and not a progress fraction: the node needs a yes/no decision with a
 threshold and a debounce; a near-end label trains exactly that decision, needs no guess of how long a
 subtask takes, and its positives sit where the decision is made.
+
+"Ends soon" alone fires before the subtask is done (measured: ~3 steps early with a 3-step horizon,
+and an advance before the door crossed the line costs that subtask). :func:`finished_subtask` adds
+the states that show a subtask *done*: the first ``after`` steps of the next subtask, shown to the
+head with the finished subtask as the goal and labelled done - the robot's own question after each
+step, "is what I was asked for done now?". Demos never hold a finished goal, so these windows train
+the head only, never the actions.
 """
 
 from __future__ import annotations
@@ -84,3 +91,27 @@ def named_goal_vectors(task_names: list[str]) -> dict[str, list[float]]:
     """One goal vector per task name (its one-hot row): what the operator asks for by name."""
     eye = np.eye(len(task_names), dtype=np.float32)
     return {name: eye[i].tolist() for i, name in enumerate(task_names)}
+
+
+def finished_subtask(task_index: np.ndarray, episode_ends: np.ndarray, after: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per step: the subtask that ended at most ``after`` steps before it (-1 if none) and the step it ended at.
+
+    ``(task (N,) int64, end (N,) int64)``. Step ``s`` qualifies when the nearest earlier subtask end ``e``
+    in the same episode has ``1 <= s - e <= after`` and ``s`` belongs to a subtask (``task_index >= 0``).
+    """
+    if after < 0:
+        raise VqbetError(f"completion after must be >= 0 steps, got {after}")
+    ti = np.asarray(task_index)
+    task = np.full(len(ti), -1, dtype=np.int64)
+    end_at = np.full(len(ti), -1, dtype=np.int64)
+    start = 0
+    for end in np.asarray(episode_ends, dtype=np.int64):
+        ep = ti[start:end]
+        lasts = np.nonzero((ep >= 0) & (np.append(ep[1:], -2) != ep))[0]
+        for last in lasts:
+            for s in range(last + 1, min(last + after, len(ep) - 1) + 1):
+                if ep[s] >= 0:
+                    task[start + s] = ep[last]
+                    end_at[start + s] = start + last
+        start = int(end)
+    return task, end_at

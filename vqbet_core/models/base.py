@@ -83,16 +83,23 @@ class Policy(nn.Module, ABC):
         """``(B,)`` completion probability from last-step features ``(B, E)``."""
         return None if self.completion_head is None else torch.sigmoid(self.completion_head(feat)).squeeze(-1)
 
-    def _completion_loss(self, feats: torch.Tensor, done: torch.Tensor | None) -> tuple[torch.Tensor, dict]:
+    def _completion_loss(self, feats: torch.Tensor, done: torch.Tensor | None,
+                         finished: tuple | None = None) -> tuple[torch.Tensor, dict]:
         """Weighted BCE of the completion head on every history step ``feats (B, T, E)`` vs ``done (B, T)``.
 
         ``done`` is 1 / 0, or NaN where a step belongs to another subtask than the goal (not scored).
+        ``finished``: ``(obs, goal, done)`` windows past a subtask's end with it as the goal (completion.after);
+        run through the GPT here and scored with the rest - they train the head, no action loss.
         """
         zero = torch.zeros((), device=feats.device)
         if self.completion_head is None or done is None:
             return zero, {}
         import torch.nn.functional as F
 
+        if finished is not None:
+            f_obs, f_goal, f_done = finished
+            feats = torch.cat([feats, self.gpt(f_obs, f_goal)], dim=0)
+            done = torch.cat([done, f_done], dim=0)
         logits = self.completion_head(feats).squeeze(-1)
         mask = ~torch.isnan(done)
         if not bool(mask.any()):

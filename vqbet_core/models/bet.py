@@ -114,10 +114,10 @@ class BeTPolicy(Policy):
 
     # ---------------------------------------------------------------- phase 2
     def policy_loss(self, obs: torch.Tensor, goal: torch.Tensor | None, actions: torch.Tensor,
-                    done: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+                    done: torch.Tensor | None = None, finished: tuple | None = None) -> tuple[torch.Tensor, dict]:
         check_actions(actions, obs, self.action_chunk, self.action_dim)
         feats = self.gpt(obs, goal)
-        completion_loss, completion_metrics = self._completion_loss(feats, done)
+        completion_loss, completion_metrics = self._completion_loss(feats, done, finished)
         logits, offsets = self._outputs(feats.reshape(-1, feats.shape[-1]))
         chunks = actions.reshape(-1, self.chunk_dim).float()
         true = self.nearest_bin(chunks)

@@ -183,12 +183,12 @@ class VQBeTPolicy(Policy):
 
     # ---------------------------------------------------------------- phase 2
     def policy_loss(self, obs: torch.Tensor, goal: torch.Tensor | None, actions: torch.Tensor,
-                    done: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+                    done: torch.Tensor | None = None, finished: tuple | None = None) -> tuple[torch.Tensor, dict]:
         check_actions(actions, obs, self.action_chunk, self.action_dim)
         w = self.cfg["loss"]
         gamma = float(w["focal_gamma"])
         feats = self.gpt(obs, goal)
-        completion_loss, completion_metrics = self._completion_loss(feats, done)
+        completion_loss, completion_metrics = self._completion_loss(feats, done, finished)
         feats = feats.reshape(-1, feats.shape[-1])
         chunks = actions.reshape(-1, self.chunk_dim).float()
         true = self.tokenizer.encode(chunks)

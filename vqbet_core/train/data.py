@@ -37,6 +37,9 @@ class Batch:
     goal: torch.Tensor | None  # (B, G)
     actions: torch.Tensor  # (B, T, W, A)
     done: torch.Tensor | None = None  # (B, T) completion targets, NaN where a step is another subtask's
+    # windows just past a subtask's end with that subtask as the goal: (obs (b, T, D), goal (b, G), done (b, T));
+    # for the completion head only (completion.after, vqbet_core.data.tasks.finished_subtask)
+    finished: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
 
 class TrainingData:
@@ -99,6 +102,15 @@ class TrainingData:
             done = completion_targets(self.task_index, self.episode_ends, horizon)
             self.done = torch.as_tensor(done, dtype=torch.float32, device=device)
             self.task_index_t = torch.as_tensor(self.task_index, device=device)
+        self.after = int((cfg.get("completion") or {}).get("after") or 0) if self.done is not None else 0
+        self.after_fraction = float((cfg.get("completion") or {}).get("after_fraction", 0.25))
+        if self.after:
+            from vqbet_core.data.tasks import finished_subtask, one_hot_goals
+
+            task, end_at = finished_subtask(self.task_index, self.episode_ends, self.after)
+            self.finished_task, self.finished_end = task, end_at
+            eye = one_hot_goals(np.arange(self.goal_dim), self.goal_dim)
+            self.goal_of_task = torch.as_tensor(normalizer.normalize("goal", eye), dtype=torch.float32, device=device)
 
         train_eps, val_eps = split_episodes(self.n_episodes, float(dcfg["val_fraction"]), seed=int(cfg["train"]["seed"]))
         self.train_episodes, self.val_episodes = train_eps, val_eps
@@ -131,7 +143,31 @@ class TrainingData:
         return one_hot_goals(self.task_index, len(names))
 
     def random_batch(self, sampler: SequenceSampler, batch_size: int, rng: np.random.Generator) -> Batch:
-        return self.batch(sampler, rng.integers(0, len(sampler), size=batch_size))
+        b = self.batch(sampler, rng.integers(0, len(sampler), size=batch_size))
+        if self.after:
+            eligible = self._finished_windows(sampler)
+            if len(eligible):
+                n = max(1, int(round(batch_size * self.after_fraction)))
+                b.finished = self.finished_batch(sampler, eligible[rng.integers(0, len(eligible), size=n)])
+        return b
+
+    def _finished_windows(self, sampler: SequenceSampler) -> np.ndarray:
+        """Sample indices of ``sampler`` whose current step lies just past a subtask's end (cached)."""
+        cache = self.__dict__.setdefault("_finished_cache", {})
+        if id(sampler) not in cache:
+            obs_idx, _ = sampler.indices(np.arange(len(sampler)))
+            cache[id(sampler)] = np.nonzero(self.finished_task[obs_idx[:, -1]] >= 0)[0]
+        return cache[id(sampler)]
+
+    def finished_batch(self, sampler: SequenceSampler, ks: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Windows ending just past a subtask's end, the finished subtask as goal: done = 1 on the steps after
+        that end, NaN (not scored) on the steps up to it (they are the subtask's own, scored as usual)."""
+        obs_idx, _ = sampler.indices(ks)
+        last = obs_idx[:, -1]
+        goal = self.goal_of_task[torch.as_tensor(self.finished_task[last], device=self.device)]
+        after_end = obs_idx > self.finished_end[last][:, None]
+        done = torch.as_tensor(np.where(after_end, 1.0, np.nan), dtype=torch.float32, device=self.device)
+        return self.obs[torch.as_tensor(obs_idx, device=self.device)], goal, done
 
     def chunks(self, sampler: SequenceSampler, ks: np.ndarray) -> torch.Tensor:
         """Action chunks ``(B, W, A)`` starting at each sample's current step (phase-1 input)."""

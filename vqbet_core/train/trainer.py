@@ -267,7 +267,7 @@ class Trainer:
         with torch.no_grad():
             for _ in range(n):
                 b = self.data.random_batch(self.data.val, int(self.tcfg["batch_size"]), rng)
-                loss, metrics = self.policy.policy_loss(b.obs, b.goal, b.actions, b.done)
+                loss, metrics = self.policy.policy_loss(b.obs, b.goal, b.actions, b.done, b.finished)
                 for k, v in {"loss": float(loss.detach()), **_scalars(metrics)}.items():
                     totals[f"val_{k}"] = totals.get(f"val_{k}", 0.0) + v / n
         self.policy.train()
@@ -303,7 +303,7 @@ class Trainer:
             if self.meta["phase2_step"] == switch and switch < steps:
                 offsets_only()
             b = self.data.random_batch(self.data.train, bs, self.rng)
-            loss, metrics = model(b.obs, b.goal, b.actions, b.done)
+            loss, metrics = model(b.obs, b.goal, b.actions, b.done, b.finished)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if clip > 0:
