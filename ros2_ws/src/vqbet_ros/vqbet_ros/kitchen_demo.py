@@ -13,6 +13,11 @@ model (``models/kitchen_image_goal``) as separate processes on loopback DDS, and
 4. the simulator's ground-truth completions (``/sim/subtasks``, never seen by the policy) give the subtasks
    done in the requested order - the papers' conditional kitchen metric, counted as ``vqbet eval`` counts it.
 
+Time: by default the simulator runs in lockstep on ROS time (``sim_robot_node`` publishes ``/clock``, the
+policy node runs on ``use_sim_time``): a tick waits for its command, so a slow computer stretches the clock
+instead of losing steps and the figures are the model's, not the CPU's. ``--realtime`` runs on the wall clock
+as a robot does, and the simulator's ``missed_ticks`` and the node's ``late_chunks`` say what was lost.
+
 One line per episode, one JSON line at the end (``in_order_mean``, per-episode results, ROS counters: the
 simulator's missed control ticks and the node's skipped steps), ``contact_sheet.png`` of the first episode.
 ``--offline`` also rolls out the same model, seeds and orders offline (``vqbet eval --model``) and reports
@@ -127,7 +132,7 @@ class SequenceSession(SimSession):
         self.keep_frames = frames
         n_traj = len(self.trajectories)
         self.enable(True)
-        t0, enabled_at = time.monotonic(), time.time()
+        t0 = time.monotonic()
 
         def finished() -> dict | None:
             with self.lock:
@@ -148,8 +153,9 @@ class SequenceSession(SimSession):
         return {"episode": episode, "seed": started["seed"], "requested": requested, "completed": completed,
                 "in_order": in_order(requested, completed), "ended_by": ended_by,
                 "wall_s": round(time.monotonic() - t0, 2), "trajectories": len(self.trajectories) - n_traj,
-                # the node's advances: the subtask it left, by whom, when (s after enable; node clock = wall clock)
-                "advances": [{"subtask": a["subtask"], "by": a["by"], "at_s": round(a["stamp"] - enabled_at, 2)}
+                # the node's advances: the subtask it left, by whom, when (s into the episode, on the node's clock:
+                # the simulator's, in lockstep and in real time alike)
+                "advances": [{"subtask": a["subtask"], "by": a["by"], "at_s": round(a["stamp"] - started["start"], 2)}
                              for a in status.get("advances", [])]}
 
 
@@ -161,26 +167,27 @@ def _number(value: str | None) -> float | None:
         return None
 
 
-def sim_args(scene: dict, seed: int) -> list[str]:
+def sim_args(scene: dict, seed: int, lockstep: bool) -> list[str]:
     env_args = json.dumps({k: v for k, v in scene.items() if v is not None})
     return ["--params-file", str(BRINGUP_CONFIG / "sim.yaml"), "-p", "env:=kitchen", "-p", f"env_args:='{env_args}'",
-            "-p", f"seed:={seed}", "-p", "autostart:=false", "-p", "auto_reset:=false"]
+            "-p", f"seed:={seed}", "-p", "autostart:=false", "-p", "auto_reset:=false",
+            "-p", f"lockstep:={str(lockstep).lower()}"]
 
 
-def policy_args(model: Path, threads: int) -> list[str]:
+def policy_args(model: Path, threads: int, lockstep: bool) -> list[str]:
     return ["--params-file", str(BRINGUP_CONFIG / "policy.yaml"), "--params-file", str(BRINGUP_CONFIG / "sim.yaml"),
             "-p", f"model:={model}", "-p", f"calibration:={CALIBRATION}", "-p", "enabled:=false",
-            "-p", f"threads:={threads}"]
+            "-p", f"threads:={threads}", "-p", f"use_sim_time:={str(lockstep).lower()}"]
 
 
 def run_over_ros(model: Path, orders: list[list[str]], seed: int, scene: dict, logs: Path, sheet: Path | None,
-                 hold_s: float, threads: int = 1) -> tuple[list[dict], dict]:
+                 hold_s: float, lockstep: bool = True, threads: int = 1) -> tuple[list[dict], dict]:
     env = ros_env()
     procs, session = [], None
     max_steps = int(scene.get("max_steps") or 560)
     try:
-        procs.append(NodeProcess("sim_robot_node", sim_args(scene, seed), env, logs / "sim_robot_node.log"))
-        procs.append(NodeProcess("policy_node", policy_args(model, threads), env, logs / "policy_node.log"))
+        procs.append(NodeProcess("sim_robot_node", sim_args(scene, seed, lockstep), env, logs / "sim_robot_node.log"))
+        procs.append(NodeProcess("policy_node", policy_args(model, threads, lockstep), env, logs / "policy_node.log"))
         session = SequenceSession(int(env["ROS_DOMAIN_ID"]))
         results = []
         timeout = 60 + 2 * max_steps / 12.5
@@ -202,7 +209,8 @@ def run_over_ros(model: Path, orders: list[list[str]], seed: int, scene: dict, l
         session.enable(False)
         time.sleep(1.2)  # one more /diagnostics period, so the counters cover the last episode
         sim, policy = session.node_diagnostics("sim_robot_node"), session.node_diagnostics("policy_node")
-        stats = {"sim_robot_node": {k: _number(sim.get(k)) for k in ("steps", "trajectories", "rejected", "missed_ticks")},
+        stats = {"sim_robot_node": {k: _number(sim.get(k)) for k in ("steps", "trajectories", "rejected", "missed_ticks",
+                                                                     "lockstep_waits", "lockstep_timeouts")},
                  "policy_node": {k: _number(policy.get(k)) for k in ("published", "late_chunks", "skipped_steps",
                                                                      "latency_p50_ms", "latency_p99_ms")}}
         return results, stats
@@ -238,6 +246,9 @@ def main(argv=None) -> int:
     p.add_argument("--offline", action="store_true",
                    help="also roll out the same model, seeds and random orders offline (vqbet eval --model): parity")
     p.add_argument("--max-steps", type=int, default=None, help="env steps per episode (default: the scene's, 560)")
+    p.add_argument("--realtime", action="store_true",
+                   help="run the simulator on the wall clock (missed ticks and late chunks count) instead of in "
+                        "lockstep on ROS time (/clock: a slow step stretches the clock, as offline)")
     p.add_argument("--hold", type=float, default=DEFAULTS["hold_s"], help="s to hold after the sequence is done")
     args = p.parse_args(argv)
     try:
@@ -273,8 +284,10 @@ def _run(args) -> int:
     orders = requested_orders(scene, seeds, first)
     t0 = time.monotonic()
     sheet = out / "contact_sheet.png"
-    results, stats = run_over_ros(model, orders, args.seed, scene, out / "logs", sheet, args.hold)
+    results, stats = run_over_ros(model, orders, args.seed, scene, out / "logs", sheet, args.hold,
+                                  lockstep=not args.realtime)
     metrics = {"env": "kitchen", "loop": "ros2 (sim_robot_node + policy_node over DDS)", "model": str(model),
+               "clock": "wall (real time)" if args.realtime else "ROS time from sim_robot_node (lockstep)",
                "episodes": len(results), "sequence_length": len(orders[0]),
                "in_order_mean": float(np.mean([r["in_order"] for r in results])),
                "all_done": float(np.mean([r["in_order"] == len(r["requested"]) for r in results])),

@@ -627,8 +627,6 @@ def make_node_class():
                 self.get_logger().warning(f"step skipped, prediction rejected: {exc}", throttle_duration_sec=5.0)
                 return False
             runtime_ms = (time.perf_counter() - t_rt) * 1e3
-            if self._completion_advances(obs_stamp):
-                return True  # the goal moved on (or the sequence ended): this chunk was for the last subtask
             t_pub = time.perf_counter()
             try:
                 traj = make_safe_trajectory(chunk.actions, chunk.times, chunk.stamp, q[self.action_idx], self._now(),
@@ -637,6 +635,7 @@ def make_node_class():
                 kind = "late_chunks" if "in the past" in str(exc) else "rejected_outputs"
                 self.counts[kind] += 1
                 self.get_logger().warning(f"chunk not sent: {exc}", throttle_duration_sec=5.0)
+                self._completion_advances(obs_stamp)
                 return False
             self.traj_pub.publish(serialize_joint_trajectory(traj, self.spec.joint_names, self.p["frame_id"]))
             done = time.perf_counter()
@@ -654,6 +653,9 @@ def make_node_class():
                     float(obs_stamp), node_ms, runtime_ms, convert_ms, (done - t_pub) * 1e3, tm.get("preprocess", 0.0),
                     tm.get("encoder", 0.0), tm.get("policy", 0.0), tm.get("sample_decode", 0.0),
                     self.last_receive_wall if stamp is not None else time.time() - node_ms * 1e-3]))
+            # the score after the chunk is sent: "done now" means this step's chunk finishes the subtask (it was
+            # computed for it), and the goal moves on from the next step - what `vqbet eval --advance model` does
+            self._completion_advances(obs_stamp)
             return True
 
         def _reset_episode(self) -> None:
@@ -662,14 +664,17 @@ def make_node_class():
             self.fresh_start = False
             self.get_logger().info(f"new episode: history cleared{f', goal {goal}' if goal else ''}")
 
-        def _stop(self, reason: str) -> None:
-            """Stop commanding: one hold trajectory (where the last one is now), then nothing until restarted."""
+        def _stop(self, reason: str, finish_chunk: bool = False) -> None:
+            """Stop commanding: one hold trajectory (where the last one is now, or with ``finish_chunk`` where it
+            ends: the sequence's last chunk still completes its subtask), then nothing until restarted."""
             if self.commanding:
                 self.counts["stops"] += 1
                 self.get_logger().warning(f"stopped commanding: {reason}")
                 if self.p["hold_on_stop"] and self.last_traj is not None:
                     now = self._now()
-                    hold = hold_trajectory(self.last_traj.sample(now), now, self.hold_settle, self.limits)
+                    when = max(float(self.last_traj.times[-1]), now) if finish_chunk else now
+                    hold = hold_trajectory(self.last_traj.sample(when), now, max(when - now, self.hold_settle),
+                                           self.limits)
                     self.traj_pub.publish(serialize_joint_trajectory(hold, self.spec.joint_names, self.p["frame_id"]))
                     self.counts["holds"] += 1
                 self.commanding = False
@@ -740,7 +745,7 @@ def make_node_class():
             if self.sequencer.finished:
                 self.sequence_done = True
                 self.enabled = False
-                self._stop("task sequence complete")
+                self._stop("task sequence complete", finish_chunk=True)
                 message = "task sequence complete: disabled"
             else:
                 goal = self.sequence[self.goal_index]

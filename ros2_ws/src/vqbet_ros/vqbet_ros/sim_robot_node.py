@@ -15,6 +15,16 @@ tick of an episode publishes the reset observation, every later one steps the en
 the timer misses (an overloaded machine) is not made up: simulated time then runs slower than the
 clock, and ``missed_ticks`` in ``/diagnostics`` counts it.
 
+Lockstep (``lockstep: true``, ROS time): the node owns the clock. It publishes ``/clock`` (simulated time, one
+period per tick) and, while an episode runs, takes the next tick only when a command covering it has
+arrived (a trajectory whose last point is at or after the tick's time), or after ``lockstep_timeout`` s of
+waiting (counted: ``lockstep_timeouts``); otherwise ticks are paced at real time. An episode's first step
+waits for the first command without a limit: until then every tick publishes the reset observation again,
+as an offline rollout starts from it. A policy node on
+``use_sim_time: true`` then never sees a late tick: a slow inference stretches the clock instead of dropping
+a step, so a rollout over ROS is step for step what ``vqbet eval`` does offline on a slow machine too - the
+way to measure the deployment's parity without a fast computer. On a real robot time is real: leave it off.
+
 Interfaces (topics are parameters, and remappable):
   out  ``/joint_states`` (JointState, every tick), camera images (Image rgb8, ``camera_topic``, at ``camera_hz``,
        when the env has cameras), ``/sim/state`` (Float64MultiArray, every tick: :data:`STATE_HEADER` then the
@@ -140,7 +150,16 @@ def make_node_class():
             self.prev_q: np.ndarray | None = None
             self.counts = {"ticks": 0, "steps": 0, "trajectories": 0, "teleop_commands": 0, "rejected": 0,
                            "skipped_ticks": 0, "missed_ticks": 0, "stale_commands": 0,
-                           "episodes": 0}
+                           "episodes": 0, "lockstep_waits": 0, "lockstep_timeouts": 0}
+            # lockstep: simulated time (ns, the last tick's), the wall time the next tick may come, the end of
+            # the commands received (s, simulated), and when the running tick started waiting for one
+            self.lockstep = bool(p["lockstep"])
+            if self.lockstep and p["lockstep_timeout"] <= 0:
+                raise VqbetError(f"parameter lockstep_timeout must be > 0 s, got {p['lockstep_timeout']}")
+            self.sim_ns = round(self.get_clock().now().nanoseconds / self.period_ns) * self.period_ns
+            self.next_wall = 0.0
+            self.commanded_until = -np.inf
+            self.waiting_since: float | None = None
             self.last_rejection = ""
 
             reliable = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
@@ -157,7 +176,13 @@ def make_node_class():
             self.create_subscription(JointState, p["teleop_topic"], self._on_teleop, reliable)
             self.create_service(Trigger, "~/reset", self._on_reset)
             self.diagnostics = Diagnostics(self, "sim_robot", hardware_id=f"sim:{p['env']}")
-            self.create_timer(self.period, self._on_tick)
+            if self.lockstep:
+                from rosgraph_msgs.msg import Clock
+
+                self.clock_msg = Clock
+                self.clock_pub = self.create_publisher(Clock, "/clock", 10)
+            # lockstep checks four times a period whether the next tick may come (its command may arrive any time)
+            self.create_timer(self.period / 4 if self.lockstep else self.period, self._on_tick)
             self.create_timer(float(p["diagnostics_period"]), self._publish_diagnostics)
 
             self._reset(start=bool(p["autostart"]))
@@ -189,17 +214,47 @@ def make_node_class():
                 "subtasks_topic": declare("subtasks_topic", "/sim/subtasks",
                                           "ground-truth subtask completions out (String, JSON; evaluation only)"),
                 "frame_id": declare("frame_id", "", "header.frame_id of the images"),
+                "lockstep": declare("lockstep", False, "publish /clock and let each running tick wait for the "
+                                    "command covering it (policy nodes on use_sim_time: no late ticks)"),
+                "lockstep_timeout": declare("lockstep_timeout", 2.0, "s a lockstep tick waits for its command "
+                                            "before it steps without one"),
                 "diagnostics_period": declare("diagnostics_period", 1.0, "seconds between /diagnostics messages"),
             }
 
         # -------------------------------------------------------------- time
         def _now(self) -> float:
+            if self.lockstep:
+                return self.sim_ns * 1e-9
             return self.get_clock().now().nanoseconds * 1e-9
 
         def _grid_ns(self) -> int:
             """The tick's time on the absolute control grid (multiples of the period, timer jitter removed): the
-            same grid ``recorder_node`` samples on, so recorded steps and simulator ticks coincide exactly."""
+            same grid ``recorder_node`` samples on, so recorded steps and simulator ticks coincide exactly.
+            Lockstep: the next period of simulated time."""
+            if self.lockstep:
+                return self.sim_ns + self.period_ns
             return round(self.get_clock().now().nanoseconds / self.period_ns) * self.period_ns
+
+        def _lockstep_ready(self) -> bool:
+            """Lockstep: may the next tick come now? Real-time pacing, and a running episode's step waits for
+            the command that covers it (up to ``lockstep_timeout`` s)."""
+            import time
+
+            wall = time.monotonic()
+            if wall < self.next_wall:
+                return False
+            if self.running and not self.robot.done and not self.fresh and self.robot.steps > 0:
+                t_next = (self.sim_ns + self.period_ns) * 1e-9
+                if self.commanded_until < t_next - 1e-6:
+                    if self.waiting_since is None:
+                        self.waiting_since = wall
+                        self.counts["lockstep_waits"] += 1
+                    if wall - self.waiting_since < self.p["lockstep_timeout"]:
+                        return False
+                    self.counts["lockstep_timeouts"] += 1
+            self.waiting_since = None
+            self.next_wall = wall + self.period
+            return True
 
         # -------------------------------------------------------------- episodes
         def _reset(self, start: bool = True) -> None:
@@ -212,7 +267,8 @@ def make_node_class():
             self.started = start
             self.robot.reset(seed=self.episode_seed)
             self.fresh = True  # the first tick publishes the reset observation; the env steps from the next one
-            self.episode_start = self.get_clock().now().nanoseconds
+            self.episode_start = self.sim_ns if self.lockstep else self.get_clock().now().nanoseconds
+            self.commanded_until = -np.inf
             self.prev_q = None
             self.n_completed = 0
             self.running = start
@@ -225,7 +281,8 @@ def make_node_class():
                 old = (self.episode, self.robot.steps) if self.running and not self.robot.done else None
                 self._reset(start=True)
                 response.success = True
-                response.message = json.dumps({"episode": self.episode, "seed": self.episode_seed})
+                response.message = json.dumps({"episode": self.episode, "seed": self.episode_seed,
+                                               "start": self.episode_start * 1e-9})
                 note = f" (episode {old[0]} abandoned after {old[1]} steps)" if old else ""
                 self.get_logger().info(f"~/reset: episode {self.episode} started, seed {self.episode_seed}{note}")
             except Exception as exc:  # noqa: BLE001 - a service call must always get an answer
@@ -269,6 +326,7 @@ def make_node_class():
             velocities = [list(p.velocities) for p in msg.points] if with_vel else None
             try:
                 self.robot.set_trajectory(msg.joint_names, times, positions, now, velocities=velocities)
+                self.commanded_until = max(times) if times else self.commanded_until
             except (TrajectoryRejected, ValueError) as exc:
                 self._rejected("trajectory", exc)
 
@@ -280,6 +338,7 @@ def make_node_class():
                 if len(msg.name) != len(msg.position):
                     raise TrajectoryRejected(f"{len(msg.name)} names but {len(msg.position)} positions")
                 self.robot.set_target(msg.name, [list(msg.position)], self._now())
+                self.commanded_until = np.inf  # a teleop target holds until the next one
             except (TrajectoryRejected, ValueError) as exc:
                 self._rejected("teleop command", exc)
 
@@ -291,6 +350,8 @@ def make_node_class():
         # -------------------------------------------------------------- control tick
         def _on_tick(self) -> None:
             try:
+                if self.lockstep and not self._lockstep_ready():
+                    return
                 self._tick()
             except Exception as exc:  # noqa: BLE001 - a sim error must not kill the robot silently
                 self.get_logger().error(f"tick failed: {type(exc).__name__}: {exc}", throttle_duration_sec=5.0)
@@ -308,9 +369,16 @@ def make_node_class():
                 return
             t = stamp_ns * 1e-9
             self.counts["ticks"] += 1
+            if self.lockstep:  # the clock first: a node on use_sim_time then sees this tick's messages as current
+                self.sim_ns = stamp_ns
+                msg = self.clock_msg()
+                msg.clock.sec, msg.clock.nanosec = stamp_ns // 1_000_000_000, stamp_ns % 1_000_000_000
+                self.clock_pub.publish(msg)
             if self.running and not self.robot.done:
                 if self.fresh:
                     self.fresh = False
+                elif self.lockstep and self.robot.steps == 0 and self.commanded_until < t - 1e-6:
+                    pass  # lockstep: the env waits for the policy's first command (the reset observation again)
                 else:
                     self.robot.tick(t)
                     self.counts["steps"] += 1
