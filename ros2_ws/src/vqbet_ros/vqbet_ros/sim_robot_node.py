@@ -20,7 +20,8 @@ period per tick) and, while an episode runs, takes the next tick only when a com
 arrived (a trajectory whose last point is at or after the tick's time), or after ``lockstep_timeout`` s of
 waiting (counted: ``lockstep_timeouts``); otherwise ticks are paced at real time. An episode's first step
 waits for the first command without a limit: until then every tick publishes the reset observation again,
-as an offline rollout starts from it. A policy node on
+as an offline rollout starts from it, and that first command runs from the next tick even when it answered an
+earlier copy. A policy node on
 ``use_sim_time: true`` then never sees a late tick: a slow inference stretches the clock instead of dropping
 a step, so a rollout over ROS is step for step what ``vqbet eval`` does offline on a slow machine too - the
 way to measure the deployment's parity without a fast computer. On a real robot time is real: leave it off.
@@ -150,7 +151,7 @@ def make_node_class():
             self.prev_q: np.ndarray | None = None
             self.counts = {"ticks": 0, "steps": 0, "trajectories": 0, "teleop_commands": 0, "rejected": 0,
                            "skipped_ticks": 0, "missed_ticks": 0, "stale_commands": 0,
-                           "episodes": 0, "lockstep_waits": 0, "lockstep_timeouts": 0}
+                           "episodes": 0, "lockstep_waits": 0, "lockstep_timeouts": 0, "lockstep_superseded": 0}
             # lockstep: simulated time (ns, the last tick's), the wall time the next tick may come, the end of
             # the commands received (s, simulated), and when the running tick started waiting for one
             self.lockstep = bool(p["lockstep"])
@@ -320,6 +321,17 @@ def make_node_class():
                 return
             start = stamp_s(msg.header.stamp) or now  # a zero stamp means "start now", as in the controller
             times = [start + p.time_from_start.sec + p.time_from_start.nanosec * 1e-9 for p in msg.points]
+            if self.lockstep and self.running and self.robot.steps == 0 and times and times[0] < now + self.period - 1e-6:
+                # lockstep, the episode's first command: the reset observation was published again while the
+                # policy computed, so the answer to an earlier copy is behind the clock; it is the first action
+                # all the same (offline, the env waits for it): it runs from the next tick
+                shift = now + self.period - times[0]
+                times = [t + shift for t in times]
+            elif self.lockstep and times and max(times) < now + 1e-6:
+                # lockstep: the answer to an observation the clock has moved past (repeated reset observations
+                # all get answers) - superseded by the command that moved it, not an error
+                self.counts["lockstep_superseded"] += 1
+                return
             positions = [list(p.positions) for p in msg.points]
             # velocities on every point: cubic splines, as joint_trajectory_controller does; else linear
             with_vel = msg.points and all(len(p.velocities) == len(msg.joint_names) for p in msg.points)
