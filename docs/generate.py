@@ -191,7 +191,7 @@ def cli_page() -> str:
 # ---------------------------------------------------------------------------------------------- nodes
 NODES = [
     # (executable, module, how the class is found, shipped parameter file, overrides, what the page says)
-    ("policy_node", "vqbet_ros.policy_node", "make_node_class", "policy.yaml"),
+    ("policy_node", "vqbet_ros.policy_node", "PolicyNode", "policy.yaml"),
     ("recorder_node", "vqbet_ros.recorder_node", "RecorderNode", "recorder.yaml"),
     ("sim_robot_node", "vqbet_ros.sim_robot_node", "make_node_class", "sim.yaml"),
     ("scripted_teleop_node", "vqbet_ros.scripted_teleop_node", "make_node_class", "sim.yaml"),
@@ -357,7 +357,14 @@ def _instantiate(name: str, module_name: str, how: str, overrides: dict, context
         cls = cls()
     params = [Parameter(k, value=v) for k, v in overrides.items()]
     declared.clear()
-    return cls(context=context, parameter_overrides=params)
+    node = cls(context=context, parameter_overrides=params)
+    if hasattr(node, "bring_up"):  # a managed node builds its topics and services on configure
+        from vqbet_core.errors import VqbetError
+        from vqbet_ros.lifecycle_base import SUCCESS
+
+        if node.trigger_configure() != SUCCESS:
+            raise VqbetError(f"{name}: configure failed: {node.transition_error}")
+    return node
 
 
 def nodes_page(model: Path | None = None) -> str:
@@ -385,7 +392,14 @@ def nodes_page(model: Path | None = None) -> str:
              "does not set it). Names starting with `~/` are private to the node (`/<namespace>/<node>/...`); "
              "every topic can also be remapped. rclpy's own parameters (`use_sim_time`, "
              "`start_type_description_service`) and parameter services are left out. Parameters are read at start; `policy_node` accepts "
-             "`task_sequence` at run time, `recorder_node` its disk thresholds and `task`.", ""]
+             "`task_sequence` at run time, `recorder_node` its disk thresholds and `task`.", "",
+             "`policy_node` and `recorder_node` are managed (lifecycle) nodes: their topics, services and timers "
+             "exist from `configure` on (listed here configured), next to the lifecycle services "
+             "(`~/change_state`, `~/get_state`, ...). Started on their own they configure themselves and become "
+             "active when `enabled: true` (policy: activate = command, deactivate = one hold trajectory) or "
+             "`start_active: true` (recorder, the default: activate = accept episodes, deactivate = commit or "
+             "discard the open episode per `on_shutdown`); `ros2 lifecycle set /<node> activate|deactivate` and "
+             "the policy's `~/enable` switch them.", ""]
     lines += ["Launch files and their arguments: [Launch files](#launch-files). What the nodes do with stamps from "
               "other clocks, malformed messages, a restart and a wrong parameter: [input safety](safety.md).", "",
               "| node | shipped parameter file |", "|---|---|"]
@@ -414,6 +428,9 @@ def nodes_page(model: Path | None = None) -> str:
                 try:
                     lines += _node_section(node, name, list(declared), shipped)
                 finally:
+                    if hasattr(node, "shut_down"):
+                        with contextlib.redirect_stderr(quiet):
+                            node.shut_down()
                     node.destroy_node()
     finally:
         Node.declare_parameter = original

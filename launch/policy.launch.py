@@ -4,6 +4,11 @@ Starts policy_node with config/policy.yaml (override with params_file:=...). The
 unless enable:=true; enable it with ``ros2 service call /policy_node/enable std_srvs/srv/SetBool "{data: true}"``
 (prefix the namespace when one is given). Launch arguments override the parameter file.
 
+policy_node is a managed (lifecycle) node and needs no lifecycle manager or event handlers here: its own
+``main()`` configures it (loads and warms up the model) and so brings it to ``inactive``, and with
+``enable:=true`` (its ``enabled`` parameter) on to ``active``. Later ``ros2 lifecycle set /policy_node
+activate|deactivate`` (deactivate sends one hold trajectory) or ``~/enable`` switch it.
+
 The nodes run with the Fast DDS profile config/fastdds_large_images.xml (``dds_profile:=''`` keeps the
 environment's FASTRTPS_DEFAULT_PROFILES_FILE): shared memory with a segment large enough for 640x480 images.
 """

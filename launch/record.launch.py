@@ -4,6 +4,11 @@ Starts recorder_node with config/recorder.yaml (override with params_file:=...).
 ``ros2 run vqbet_ros record_keyboard`` in a second terminal (s start, e end, d discard, t task) or the
 services ~/start_episode, ~/end_episode, ~/discard_episode.
 
+recorder_node is a managed (lifecycle) node and needs no lifecycle manager or event handlers here: its own
+``main()`` configures it (opens the store: ``inactive``) and, by default (``start_active: true`` in the
+parameter file), activates it (accepts episodes). ``ros2 lifecycle set /recorder_node deactivate`` commits
+(or discards, per ``on_shutdown``) the open episode and refuses new ones until ``activate``.
+
 The nodes run with the Fast DDS profile config/fastdds_large_images.xml (``dds_profile:=''`` keeps the
 environment's FASTRTPS_DEFAULT_PROFILES_FILE): shared memory with a segment large enough for 640x480 images.
 """

@@ -17,6 +17,11 @@ the topics of the loop (/NAME/joint_states, /NAME/camera/image_raw, /NAME/arm_co
 /NAME/teleop/joint_command, /NAME/sim/state, /NAME/sim/episode_result: the parameter files' absolute names are
 remapped into the namespace), so several simulations can run side by side. /diagnostics stays global.
 
+policy_node and recorder_node are managed (lifecycle) nodes that bring themselves up (no lifecycle manager or
+event handlers here): policy_node is configured and, with ``enabled: true`` as set here, active; recorder_node
+configured and active (``start_active``, default true). ``ros2 lifecycle set /NAME/policy_node deactivate``
+holds the simulated arm, ``activate`` resumes; ``ros2 lifecycle get`` reports the state.
+
 The nodes run with the Fast DDS profile config/fastdds_large_images.xml (``dds_profile:=''`` keeps the
 environment's FASTRTPS_DEFAULT_PROFILES_FILE): shared memory with a segment large enough for 640x480 images.
 """

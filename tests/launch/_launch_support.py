@@ -221,6 +221,19 @@ class Observer:
         finally:
             self.node.destroy_client(client)
 
+    def lifecycle_state(self, node: str, timeout: float = 15.0) -> str:
+        """A managed node's state label (``~/get_state``): unconfigured, inactive, active, finalized."""
+        from lifecycle_msgs.srv import GetState
+
+        client = self.node.create_client(GetState, f"{node}/get_state")
+        try:
+            self.wait_for(f"{node}/get_state", client.service_is_ready, timeout)
+            future = client.call_async(GetState.Request())
+            self.wait_for(f"{node}/get_state answer", future.done, timeout)
+            return future.result().current_state.label
+        finally:
+            self.node.destroy_client(client)
+
     def trigger(self, service: str, timeout: float = 15.0):
         from std_srvs.srv import Trigger
 

@@ -82,6 +82,7 @@ def test_policy_launch_namespace_params_file_and_arguments(run, blockpush_model)
     values = obs.parameters(node, ["max_age", "velocity_scale", "enabled", "calibration", "model", "trigger"])
     assert values == {"max_age": 0.42, "velocity_scale": 0.25, "enabled": True, "calibration": "my_robot.yaml",
                       "model": str(blockpush_model), "trigger": "timer"}, values
+    assert obs.lifecycle_state(node) == "active"  # enable:=true: configured and activated by the node itself
     # topics: the parameter file's absolute names (a robot's controller and drivers are not namespaced)
     obs.wait_for("the trajectory publisher", lambda: node in obs.publishers("/arm_controller/joint_trajectory"))
     obs.wait_for("its subscriptions", lambda: node in obs.subscribers("/joint_states")
@@ -116,6 +117,7 @@ def test_record_launch_stop_commits_the_open_episode(run, stop):
     values = obs.parameters(rec, ["output", "calibration", "task", "on_shutdown", "max_age"])
     assert values == {"output": "demos.zarr", "calibration": str(cal), "task": "pick_cube", "on_shutdown": "commit",
                       "max_age": 0.1}, values  # max_age: the installed config/recorder.yaml
+    assert obs.lifecycle_state(rec) == "active"  # start_active: true in the installed config/recorder.yaml
     obs.wait_for("its subscriptions", lambda: rec in obs.subscribers("/joint_states")
                  and rec in obs.subscribers("/teleop/joint_command"), timeout=15)
     for _ in range(40):  # the streams may still be being discovered: start is refused until they flow
@@ -220,5 +222,6 @@ def test_sim_launch_policy_mode_with_the_defaults(run, blockpush_model):
     values = obs.parameters("/policy_node", ["calibration", "enabled", "trigger"])
     assert values == {"calibration": str(run["share"] / "calibration/blockpush_sim.yaml"), "enabled": True,
                       "trigger": "camera"}, values
+    assert obs.lifecycle_state("/policy_node") == "active"
     took = launch.assert_clean_exit(launch.interrupt(), STOP_WITHIN)
     print(f"sim.launch.py mode:=policy: Ctrl-C -> exit 0 in {took:.2f} s")

@@ -1,6 +1,6 @@
 """The clock rule (vqbet_core.recording.clock) and the compressed-frame header checks, without ROS.
 
-The same functions decide in policy_node (JointStateMerger, camera ages), recorder_node and bag2zarr.
+The same functions decide in policy_node (policy_inputs.JointStateMerger, camera ages), recorder_node and bag2zarr.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def test_an_offset_clock_never_extends_max_age(offset):
 
 
 def test_joint_state_merger_ages_use_the_receive_time():
-    from vqbet_ros.policy_node import JointStateMerger
+    from vqbet_ros.policy_inputs import JointStateMerger
 
     m = JointStateMerger(["a", "b"])
     m.update(["a", "b"], [0.0, 0.0], stamp=15.0, received=10.0)  # stamped 5 s ahead (accepted: tolerance is the node's)

@@ -169,7 +169,7 @@ def test_serialized_trajectory_is_the_same_message(limits, frame_id, points):
 
 # ---------------------------------------------------------------------- joint states by name (policy node)
 def test_joint_state_merger_maps_by_name_and_merges_partial_messages():
-    from vqbet_ros.policy_node import JointStateMerger
+    from vqbet_ros.policy_inputs import JointStateMerger
 
     names = CALIB.joint_names
     m = JointStateMerger(names)
@@ -192,7 +192,7 @@ def test_joint_state_merger_maps_by_name_and_merges_partial_messages():
     (["panda0_joint1", "panda0_joint2"], [np.nan, 0.0], "non-finite.*panda0_joint1"),
 ])
 def test_joint_state_merger_rejects_malformed_messages_whole(names, positions, match):
-    from vqbet_ros.policy_node import JointStateMerger
+    from vqbet_ros.policy_inputs import JointStateMerger
 
     m = JointStateMerger(CALIB.joint_names)
     m.update(CALIB.joint_names, np.ones(9), 5.0)
@@ -203,7 +203,7 @@ def test_joint_state_merger_rejects_malformed_messages_whole(names, positions, m
 
 
 def test_joint_state_merger_ignores_messages_without_our_joints():
-    from vqbet_ros.policy_node import JointStateMerger
+    from vqbet_ros.policy_inputs import JointStateMerger
 
     m = JointStateMerger(CALIB.joint_names)
     assert m.update(["wheel_left", "wheel_right"], [np.nan, 1.0], 1.0) == 0
@@ -218,7 +218,7 @@ def test_raw_image_reads_what_rclpy_reads(encoding, frame_id):
     from sensor_msgs.msg import Image
 
     from vqbet_ros import ros_convert
-    from vqbet_ros.policy_node import RawImage
+    from vqbet_ros.policy_inputs import RawImage
 
     rgb = np.random.default_rng(0).integers(0, 255, (48, 64, 3), dtype=np.uint8)
     msg = ros_convert.rgb_to_image(rgb, 1_700_000_000_123_456_789, encoding, frame_id=frame_id)

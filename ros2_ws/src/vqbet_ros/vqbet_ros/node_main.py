@@ -116,8 +116,11 @@ def run_node(name: str, make_node: Callable, args=None, spin: Callable | None = 
     """Run one node.
 
     ``spin(node, stopping)`` runs the node until ``stopping()`` turns true (a signal came) or it has done
-    its job (default: :func:`spin_until_stopped`); ``cleanup(node)`` runs before ``destroy_node``, with
-    the ROS context still up and every further SIGINT / SIGTERM ignored.
+    its job (default: :func:`spin_until_stopped`, which also ends when a managed node reaches ``finalized``);
+    ``cleanup(node)`` runs before ``destroy_node``, with the ROS context still up and every further SIGINT /
+    SIGTERM ignored. A managed node (:class:`vqbet_ros.lifecycle_base.ManagedNode`) is brought up right after
+    it is built - configured, and activated when its startup parameter says so - so a plain ``ros2 run``
+    needs no lifecycle manager; a failed configure is its ``VqbetError`` line, exit 2.
     """
     import rclpy
     from rclpy.executors import ExternalShutdownException
@@ -128,8 +131,13 @@ def run_node(name: str, make_node: Callable, args=None, spin: Callable | None = 
     node, code = None, 0
     try:
         node = make_node()
+        if not stop.requested and hasattr(node, "bring_up"):
+            node.bring_up()
         if not stop.requested:
-            (spin or spin_until_stopped)(node, stop)
+            if spin is None:
+                spin_until_stopped(node, stop, until=getattr(node, "is_finalized", None))
+            else:
+                spin(node, stop)
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
     except VqbetError as exc:

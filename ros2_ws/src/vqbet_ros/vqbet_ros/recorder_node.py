@@ -5,13 +5,19 @@ uses): subscriptions push decoded messages with their stamps, a timer at ``contr
 sampling clock, services start / end / discard episodes. Crash safety is the dataset contract: an
 episode is visible only once committed, and the store is repaired on start.
 
+Lifecycle (a managed node, :mod:`vqbet_ros.lifecycle_base`): configure opens the store, activate accepts
+episodes, deactivate commits (or discards, per ``on_shutdown``) the open episode and refuses new ones,
+cleanup / shutdown close the store. ``main()`` configures it and activates it unless ``start_active: false``,
+so ``ros2 run`` records as before; ``ros2 lifecycle set /recorder_node deactivate|activate`` works too.
+
 Interfaces (all names are parameters or remaps):
   in   cameras from the calibration (Image or CompressedImage), ``joint_states_topic``, ``command_topic``
        (JointState or JointTrajectory, ``command_type``), ``~/task`` (std_msgs/String: label of the episode),
        ``~/subtask_done`` (std_msgs/String: "subtask done" marks of a long-horizon recording, DESIGN.md section 9 -
        a plain subtask name, stamped with the receive time, or JSON ``{"task": name, "stamp": seconds}``)
-  srv  ``~/start_episode``, ``~/end_episode``, ``~/discard_episode`` (std_srvs/Trigger)
-  out  ``~/status`` (std_msgs/String, JSON), ``~/episode_events`` (std_msgs/String, JSON markers that
+  srv  ``~/start_episode``, ``~/end_episode``, ``~/discard_episode`` (std_srvs/Trigger), the lifecycle services
+       ``~/change_state``, ``~/get_state`` ... (lifecycle_msgs)
+  out  ``~/status`` (std_msgs/String, JSON, with ``lifecycle_state``), ``~/episode_events`` (std_msgs/String, JSON markers that
        ``vqbet bag2zarr --episode-topic`` understands), ``/diagnostics``
 
 Run: ``ros2 run vqbet_ros recorder_node --ros-args -p output:=demo.zarr -p calibration:=robot.yaml``
@@ -27,7 +33,6 @@ from concurrent.futures import ThreadPoolExecutor
 from rcl_interfaces.msg import SetParametersResult
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
 from rclpy.task import Future
-from rclpy.node import Node
 from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
 from rclpy.event_handler import SubscriptionEventCallbacks
 from sensor_msgs.msg import CompressedImage, Image, JointState
@@ -51,6 +56,7 @@ from vqbet_core.recording.sampler import (
 )
 from vqbet_ros import ros_convert
 from vqbet_ros.diagnostics import Diagnostics
+from vqbet_ros.lifecycle_base import ManagedNode
 from vqbet_ros.node_main import run_node
 from vqbet_ros.params import declare as declare_parameter
 from vqbet_ros.qos import incompatible_qos_warning, qos_from_parameters
@@ -58,28 +64,44 @@ from vqbet_ros.qos import incompatible_qos_warning, qos_from_parameters
 MB = 1024 * 1024
 
 
-class RecorderNode(Node):
-    """Samples cameras, joint states and the teleop command at ``control_hz`` into episodes."""
+class RecorderNode(ManagedNode):
+    """Samples cameras, joint states and the teleop command at ``control_hz`` into episodes.
+
+    A managed node (:mod:`vqbet_ros.lifecycle_base`): configure opens (and repairs) the store and builds the
+    interfaces, activate accepts episodes, deactivate closes the open episode by the ``on_shutdown`` rule
+    (commit or discard) and refuses new ones, cleanup / shutdown close the store."""
 
     def __init__(self, **kwargs):
         super().__init__("recorder_node", **kwargs)
         p = self._declare_parameters()
         _check_parameters(p)
+        self.params = p
+        # deep queues: a recorder that stalls for a moment catches up instead of losing frames
+        self.image_qos = qos_from_parameters(self, "image_qos", "reliable", 30)
+        self.state_qos = qos_from_parameters(self, "state_qos", "reliable", 500)
+        self.task = p["task"]
+        self.task_names = [str(n) for n in p["task_names"] if str(n)]
+        if len(set(self.task_names)) != len(self.task_names):
+            raise VqbetError(f"parameter task_names has a name twice: {self.task_names}")
+        self.accepting = False  # accepts episodes: true exactly while the node is active
+        self.writer = None
+        self.add_on_set_parameters_callback(self._on_set_parameters)
+
+    # ------------------------------------------------------------------ lifecycle
+    def configure(self) -> None:
+        """Open the store (repairing an interrupted episode), subscribe, offer the episode services."""
+        p = self.params
         self.calibration = load_calibration(p["calibration"])
         cams = [c for c in p["cameras"] if c] or list(self.calibration.cameras)
         unknown = [c for c in cams if c not in self.calibration.cameras]
         if unknown:
             raise VqbetError(f"parameter cameras: {unknown} not in calibration {p['calibration']} "
                              f"(has: {list(self.calibration.cameras)})")
-        self.params = p
-        # deep queues: a recorder that stalls for a moment catches up instead of losing frames
-        image_qos = qos_from_parameters(self, "image_qos", "reliable", 30)
-        state_qos = qos_from_parameters(self, "state_qos", "reliable", 500)
+        image_qos, state_qos = self.image_qos, self.state_qos
         self.control_hz = p["control_hz"] or self.calibration.control_hz
         self.stamp_source = p["stamp_source"]
         self.future_tolerance_ns = int(p["future_tolerance"] * 1e9)
         self.command_type = p["command_type"]
-        self.task = p["task"]
         self.mapper = ros_convert.JointMapper(self.calibration.joint_names)
         self.sampler = StreamSampler(stream_keys(cams), self.control_hz, p["max_age"], p["max_wait"])
         # frames a tick will select are decoded and resized on worker threads (OpenCV releases the GIL), so
@@ -90,9 +112,6 @@ class RecorderNode(Node):
                     "future_tolerance": p["future_tolerance"],
                     "preprocess_images": p["preprocess_images"], "command_topic": p["command_topic"],
                     "command_type": p["command_type"]}
-        self.task_names = [str(n) for n in p["task_names"] if str(n)]
-        if len(set(self.task_names)) != len(self.task_names):
-            raise VqbetError(f"parameter task_names has a name twice: {self.task_names}")
         if self.task_names:  # long-horizon recording: data/task_index from the ~/subtask_done marks
             settings["task_names"] = self.task_names
         attrs = dataset_attrs(self.calibration, cams, self.control_hz, "recorder_node", settings)
@@ -140,16 +159,33 @@ class RecorderNode(Node):
         self.create_service(Trigger, "~/start_episode", self._on_start, callback_group=services)
         self.create_service(Trigger, "~/end_episode", self._on_end, callback_group=services)
         self.create_service(Trigger, "~/discard_episode", self._on_discard, callback_group=services)
-        self.add_on_set_parameters_callback(self._on_set_parameters)
         self.create_timer(1.0 / self.control_hz, self._on_tick)
         self.create_timer(p["status_period"], self._publish_status)
-        # "ready" only once the executor runs this node's callbacks, so its services answer from then on
-        self._ready_timer = self.create_timer(0.01, self._say_ready)
 
-    def _say_ready(self) -> None:
-        self._ready_timer.cancel()
-        self.destroy_timer(self._ready_timer)
-        self.get_logger().info("ready: call ~/start_episode, ~/end_episode, ~/discard_episode (or run record_keyboard)")
+    def activate(self) -> None:
+        self.accepting = True
+
+    def deactivate(self) -> None:
+        """Refuse new episodes; the open one is committed or discarded as ``on_shutdown`` says."""
+        self.accepting = False
+        self._close_open_episode("recorder deactivated during the episode", announce=True)
+
+    def release(self) -> None:
+        """The shutdown guarantee (the open episode committed or discarded), then the store closed."""
+        self.accepting = False
+        self.finish()
+
+    def start_active(self) -> bool:
+        return bool(self.params["start_active"])
+
+    def ready_message(self, activated: bool | None) -> str:
+        if activated:
+            return "ready: call ~/start_episode, ~/end_episode, ~/discard_episode (or run record_keyboard)"
+        return (f"ready, inactive: episodes are refused until it is activated "
+                f"(ros2 lifecycle set {self.get_fully_qualified_name()} activate)")
+
+    def state_changed(self) -> None:
+        self._publish_status()
 
     # ------------------------------------------------------------------ parameters
     def _declare_parameters(self) -> dict:
@@ -176,19 +212,22 @@ class RecorderNode(Node):
                                     "recording stops (MB; settable at run time)"),
             "flush_every": declare("flush_every", 0, "steps per disk write; 0 = one second of steps"),
             "status_period": declare("status_period", 1.0, "seconds between ~/status and /diagnostics messages"),
-            "on_shutdown": declare("on_shutdown", "commit", "an episode open at shutdown: commit or discard"),
+            "on_shutdown": declare("on_shutdown", "commit", "an episode open at shutdown or a lifecycle deactivate: "
+                                   "commit or discard"),
             "task_names": declare("task_names", [""], "subtask names of a long-horizon recording: each step gets "
                                   "data/task_index from the ~/subtask_done marks; [''] = none (no task_index)"),
+            "start_active": declare("start_active", True, "start active (accepting episodes); false: inactive until "
+                                    "activated (ros2 lifecycle set <node> activate)"),
         }
 
     def _on_set_parameters(self, params) -> SetParametersResult:
         for param in params:
             if param.name == "task":
                 self._set_task(str(param.value))
-            elif param.name == "min_free_mb":
-                self.writer.min_free = int(float(param.value) * MB)
-            elif param.name == "stop_free_mb":
-                self.writer.stop_free = int(float(param.value) * MB)
+            elif param.name in ("min_free_mb", "stop_free_mb"):
+                self.params[param.name] = float(param.value)  # the next configure opens the store with it
+                if self.writer is not None:
+                    setattr(self.writer, param.name[:-3], int(float(param.value) * MB))
         return SetParametersResult(successful=True)
 
     def _subscribe(self, msg_type, topic, qos, prefix, callback):
@@ -273,7 +312,8 @@ class RecorderNode(Node):
 
     def _set_task(self, task: str) -> None:
         self.task = task
-        self.writer.set_task(task)
+        if self.writer is not None:
+            self.writer.set_task(task)
 
     def _on_subtask_done(self, msg: String) -> None:
         """A "subtask done" mark: every step stamped before its time, not claimed by an earlier mark, belongs
@@ -348,6 +388,11 @@ class RecorderNode(Node):
 
     # ------------------------------------------------------------------ services
     def _on_start(self, request, response):
+        if not self.accepting:
+            response.success = False
+            response.message = (f"recorder is {self.lifecycle_state}: no episodes until it is activated "
+                                f"(ros2 lifecycle set {self.get_fully_qualified_name()} activate)")
+            return response
         if self.writer.recording:
             response.success = False
             response.message = f"episode {self.writer.n_episodes} is {self.state} (end or discard it first)"
@@ -388,8 +433,9 @@ class RecorderNode(Node):
             self._ending = Future()
             await self._ending
             self._ending = None
-        if not self.writer.recording:  # stopped for disk space while ending
-            response.success, response.message = False, self.last_error
+        if not self.writer.recording:  # stopped for disk space, or deactivated, while ending
+            response.success = False
+            response.message = self.last_error or "the episode was closed by a lifecycle transition (deactivate)"
             return response
         stats = self.sampler.stats
         self.sampler.stop()
@@ -443,6 +489,7 @@ class RecorderNode(Node):
         stats = self.sampler.stats
         return {
             "state": self.state,
+            "lifecycle_state": self.lifecycle_state,
             "episode": self.writer.n_episodes,  # index of the open (or next) episode
             "episodes_committed": self.writer.n_episodes,
             "length": self.writer.episode_length if self.writer.recording else 0,
@@ -474,25 +521,55 @@ class RecorderNode(Node):
             message = self.last_error or f"disk space low ({status['disk_free_mb']} MB free)"
         elif status["dropped"] or any(status["bad"].values()):
             level, message = "warn", f"{status['dropped']} ticks dropped, {sum(status['bad'].values())} bad messages"
+        elif not self.accepting:
+            level, message = "ok", f"{self.lifecycle_state}: not accepting episodes"
         else:
             level, message = "ok", self.state
         values = {k: (json.dumps(v) if isinstance(v, dict) else v) for k, v in status.items()}
         self.diagnostics.publish(level, message, values)
 
     # ------------------------------------------------------------------ shutdown
+    def _close_open_episode(self, note: str, announce: bool = False):
+        """Commit (or discard, per ``on_shutdown``) an open episode; ``announce``: also its episode event and
+        status (a deactivate, with the node still running). The commit result, or None."""
+        if self.writer is None or not self.writer.recording:
+            return None
+        if announce and self._ending is not None and not self._ending.done():
+            self._ending.set_result(True)  # a waiting end_episode answers: closed by the transition
+        end = self._now()
+        self.sampler.stop()
+        self.state = "idle"
+        if self.params["on_shutdown"] == "commit":
+            result = self.writer.commit(note=note)
+            if announce:
+                if result.index >= 0:
+                    self._event("end", self.writer.last_stamp or end, result.index, result.length, note=note)
+                    self.get_logger().info(f"{note}: episode {result.index} committed ({result.length} steps)")
+                else:
+                    self._event("discard", end, self.writer.n_episodes)
+        else:
+            result = self.writer.discard()
+            if announce:
+                self._event("discard", end, self.writer.n_episodes, result.length)
+                self.get_logger().info(f"{note}: episode discarded ({result.length} steps, on_shutdown: discard)")
+        if announce:
+            self._publish_status()
+        return result
+
     def finish(self) -> None:
         """On shutdown: commit (or discard, per ``on_shutdown``) an open episode, stop the writer thread."""
+        if self.writer is None:  # never configured (or a configure that failed before the store opened)
+            if getattr(self, "decode_pool", None) is not None:
+                self.decode_pool.shutdown(wait=False, cancel_futures=True)
+            return
         if self.writer.recording:
-            self.sampler.stop()
-            if self.params["on_shutdown"] == "commit":
-                result = self.writer.commit(note="recorder shut down during the episode")
-                if result.index >= 0:
-                    print(f"recorder_node: committed episode {result.index} ({result.length} steps) at shutdown",
-                          file=sys.stderr)
-            else:
-                self.writer.discard()
+            result = self._close_open_episode("recorder shut down during the episode")
+            if self.params["on_shutdown"] == "commit" and result.index >= 0:
+                print(f"recorder_node: committed episode {result.index} ({result.length} steps) at shutdown",
+                      file=sys.stderr)
         self.decode_pool.shutdown(wait=False, cancel_futures=True)
         self.writer.close()
+        self.writer = None
 
 
 def _check_parameters(p: dict) -> None:
@@ -520,7 +597,9 @@ def _nonzero(counts: dict) -> dict:
 
 
 def main(args=None) -> int:
-    return run_node("recorder_node", RecorderNode, args, cleanup=lambda node: node.finish())
+    """Configured, then active unless ``start_active: false``; SIGINT / SIGTERM run the shutdown transition (the
+    open episode committed or discarded per ``on_shutdown``), repeats ignored (``node_main.run_node``)."""
+    return run_node("recorder_node", RecorderNode, args, cleanup=lambda node: node.shut_down())
 
 
 if __name__ == "__main__":
