@@ -8,12 +8,12 @@ test process drives it through ``lifecycle_msgs`` services and, where ``ros2 lif
   ``/diagnostics`` report the state; a transition not valid from the current state is refused and the node
   lives on; cleanup -> configure builds it again; ``ros2 lifecycle set`` activates it; SIGINT ends it with 0.
 - recorder_node: active at start; deactivate with an episode open commits it (plain zarr reads it back) and
-  refuses new episodes; activate accepts them again; ``start_active: false`` starts it inactive.
+  refuses new episodes; activate accepts them again; the shutdown transition commits the open episode and
+  the process exits with 0; ``start_active: false`` starts it inactive.
 """
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
 import signal
@@ -22,7 +22,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 pytest.importorskip("rclpy")
@@ -283,8 +282,14 @@ def test_recorder_deactivate_commits_the_open_episode_and_activate_accepts_again
         done = client.call("end_episode")
         assert done.success and "episode 1 committed" in done.message, done.message
         assert len(_read_plain(out)) == 2
-        assert procs.stop(rec) == 0
-        assert "Traceback" not in rec.log_path.read_text()
+        # the shutdown transition with an episode open: committed, and the process ends on its own with 0
+        assert _start_episode(client).success
+        client.spin(1.0)
+        assert change_state(call, node, "shutdown")
+        assert rec.wait(15) == 0
+        log = rec.log_path.read_text()
+        assert re.search(r"committed episode 2 \(\d+ steps\) at shutdown", log) and "Traceback" not in log, log[-2000:]
+        assert len(_read_plain(out)) == 3
     finally:
         if client is not None:
             client.close()
