@@ -18,7 +18,8 @@ clock, and ``missed_ticks`` in ``/diagnostics`` counts it.
 Lockstep (``lockstep: true``, ROS time): the node owns the clock. It publishes ``/clock`` (simulated time, one
 period per tick) and, while an episode runs, takes the next tick only when a command covering it has
 arrived (a trajectory whose last point is at or after the tick's time), or after ``lockstep_timeout`` s of
-waiting (counted: ``lockstep_timeouts``); otherwise ticks are paced at real time. An episode's first step
+waiting (counted: ``lockstep_timeouts``; after one the ticks run free until commands come again);
+otherwise ticks are paced at real time. An episode's first step
 waits for the first command without a limit: until then every tick publishes the reset observation again,
 as an offline rollout starts from it, and that first command runs from the next tick even when it answered an
 earlier copy. A policy node on
@@ -244,7 +245,10 @@ def make_node_class():
             wall = time.monotonic()
             if wall < self.next_wall:
                 return False
-            if self.running and not self.robot.done and not self.fresh and self.robot.steps > 0:
+            # a running episode whose last tick had a command (the stream is live: a controller that stopped,
+            # e.g. a policy that finished its sequence, costs one timeout, then the ticks run free)
+            if (self.running and not self.robot.done and not self.fresh and self.robot.steps > 0
+                    and self.commanded_until >= self.sim_ns * 1e-9 - 1e-6):
                 t_next = (self.sim_ns + self.period_ns) * 1e-9
                 if self.commanded_until < t_next - 1e-6:
                     if self.waiting_since is None:
