@@ -349,15 +349,21 @@ def record_demos(out: Path, episodes: int, image_size: int, max_steps: int, logs
 
 
 def evaluate_over_ros(model: Path, episodes: int, image_size: int, max_steps: int, seed: int, logs: Path,
-                      sheet: Path | None) -> tuple[list[dict], dict]:
-    """sim_robot_node + policy_node as processes; ``episodes`` episodes driven through the services."""
+                      sheet: Path | None, calibration: Path = CALIBRATION,
+                      policy_params: dict | None = None) -> tuple[list[dict], dict]:
+    """sim_robot_node + policy_node as processes; ``episodes`` episodes driven through the services.
+
+    ``policy_params``: extra policy_node parameters (``name: value``, e.g. ``{"blend": "none"}``)."""
     env = ros_env()
     procs = []
     session = None
+    extra = [a for k, v in (policy_params or {}).items()
+             for a in ("-p", f"{k}:={str(v).lower() if isinstance(v, bool) else v}")]
     try:
         procs.append(NodeProcess("sim_robot_node", sim_robot_args(image_size, max_steps, seed), env,
                                  logs / "sim_robot_node.log"))
-        procs.append(NodeProcess("policy_node", policy_args(model, CALIBRATION), env, logs / "policy_node.log"))
+        procs.append(NodeProcess("policy_node", policy_args(model, calibration) + extra, env,
+                                 logs / "policy_node.log"))
         session = SimSession(int(env["ROS_DOMAIN_ID"]))
         results = []
         timeout = 30 + 3 * max_steps / 10.0
@@ -382,7 +388,8 @@ def evaluate_over_ros(model: Path, episodes: int, image_size: int, max_steps: in
         stats = {"sim_robot_node": {k: sim.get(k) for k in ("steps", "trajectories", "rejected", "stale_commands",
                                                              "missed_ticks")},
                  "policy_node": {k: policy.get(k) for k in ("published", "late_chunks", "rejected_outputs",
-                                                            "skipped_steps", "latency_p50_ms", "latency_p99_ms")}}
+                                                            "skipped_steps", "dropped_past_points",
+                                                            "latency_p50_ms", "latency_p99_ms")}}
         return results, stats
     finally:
         if session is not None:
