@@ -32,8 +32,8 @@ def add_arguments(p) -> None:
                         "robot) or on the simulator's ground truth (oracle)")
     p.add_argument("--completion-threshold", type=float, default=0.5,
                    help="with --advance model: completion score that counts as 'subtask done'")
-    p.add_argument("--completion-debounce", type=float, default=0.0,
-                   help="with --advance model: seconds the score must stay above the threshold")
+    p.add_argument("--completion-debounce", type=float, default=0.16,
+                   help="with --advance model: seconds the score must stay above the threshold (0.16: two kitchen steps)")
     p.add_argument("--completion-refractory", type=float, default=1.0,
                    help="with --advance model: seconds after an advance whose scores do not count")
     p.add_argument("--device", default="cpu")

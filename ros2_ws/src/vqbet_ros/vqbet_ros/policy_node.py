@@ -312,7 +312,7 @@ class PolicyNode(ManagedNode):
                                              "a completion head; ~/next_goal always works)"),
             "completion_threshold": declare("completion_threshold", 0.5, "completion score that counts as "
                                             "'subtask done'"),
-            "completion_debounce": declare("completion_debounce", 0.0, "seconds the completion score must stay "
+            "completion_debounce": declare("completion_debounce", 0.16, "seconds the completion score must stay "
                                            "at or above the threshold before the goal advances"),
             "completion_refractory": declare("completion_refractory", 1.0, "seconds after an advance during which "
                                              "completion scores do not count (the robot still stands where the "
