@@ -375,6 +375,7 @@ def test_enabled_trajectories_are_whole_safe_chunks(run):
     assert len(got) >= 8, f"{len(got)} trajectories in 1.5 s at 10 Hz"
     stamps = []
     vmax = cal.max_velocity * VELOCITY_SCALE
+    previous = None  # (absolute point times, positions) of the trajectory before
     for msg in got:
         assert list(msg.joint_names) == cal.joint_names
         assert 1 <= len(msg.points) <= 4
@@ -386,10 +387,14 @@ def test_enabled_trajectories_are_whole_safe_chunks(run):
         pos = np.array([list(p.positions) for p in msg.points])
         vel = np.array([list(p.velocities) for p in msg.points])
         assert np.all(pos >= cal.lower - 1e-9) and np.all(pos <= cal.upper + 1e-9)
-        # per-step velocity bound, from the measured joints (at the latest at the stamp) through every point
-        p = np.vstack([run["joints"][None], pos])
+        # per-step velocity bound of the command: the first trajectory from the measured joints, each later one
+        # from where the one before commands at this stamp (it is sent at or after it), through every point
+        start = run["joints"] if previous is None else np.array(
+            [np.interp(stamp, previous[0], previous[1][:, j]) for j in range(pos.shape[1])])
+        p = np.vstack([start[None], pos])
         t = np.concatenate([[0.0], tfs])
         assert np.all(np.abs(np.diff(p, axis=0)) <= vmax * np.diff(t)[:, None] + 1e-9)
+        previous = (stamp + tfs, pos)
         assert np.all(np.abs(vel) <= vmax + 1e-9) and np.all(vel[-1] == 0)
     assert sum(len(msg.points) == 4 for msg in got) >= 0.8 * len(got)  # points are dropped only when a step is late
     gaps = np.diff(stamps)

@@ -72,6 +72,41 @@ def test_slow_chunk_passes_unchanged_with_spline_velocities(limits):
     assert np.all(traj.velocities[-1] == 0)
 
 
+def test_the_velocity_bound_continues_the_command_not_the_lagging_arm(limits):
+    """A position-controlled arm lags its target: bounded against the measured joints, a command that moves
+    within the velocity limit would be held back every step (the kitchen demos' targets lead the joints by up
+    to 1.8 rad). Bounded against the command being followed, it passes unchanged."""
+    measured = (limits.lower + limits.upper) / 2
+    commanded = measured + 0.3  # the target leads the arm by 0.3 rad / m
+    commanded[7:] = np.clip(commanded[7:], limits.lower[7:], limits.upper[7:])
+    step = limits.max_velocity / HZ * 0.5  # half the velocity bound per step
+    actions, times = chunk(commanded + step, step, w=1)
+    from_arm = make_safe_trajectory(actions, times, 100.0, measured, 100.0, limits, lead=1 / HZ)
+    assert from_arm.rate_limited > 0  # the old rule: pulled back towards the arm
+    followed = make_safe_trajectory(actions, times, 100.0, measured, 100.0, limits, lead=1 / HZ, commanded=commanded)
+    np.testing.assert_allclose(followed.positions, np.clip(actions, limits.lower, limits.upper))
+    assert followed.rate_limited == 0 and followed.tracking_limited == 0
+    # a jump of the command is still bounded, from where the command is
+    jump = make_safe_trajectory(commanded[None] + 1.0, times, 100.0, measured, 100.0, limits, lead=1 / HZ,
+                                commanded=commanded)
+    moved = np.abs(jump.positions[0] - np.clip(commanded, limits.lower, limits.upper))
+    assert np.all(moved <= limits.max_velocity / HZ + 1e-9) and jump.rate_limited > 0
+
+
+def test_max_tracking_error_keeps_a_blocked_arms_command_near_it(limits):
+    measured = (limits.lower + limits.upper) / 2
+    commanded = measured.copy()
+    commanded[:7] += 1.0  # the arm is blocked, its command ran 1 rad ahead
+    actions, times = chunk(commanded, np.zeros(9), w=1)
+    traj = make_safe_trajectory(actions, times, 100.0, measured, 100.0, limits, lead=1 / HZ, commanded=commanded,
+                                max_tracking_error=0.2)
+    assert traj.tracking_limited == 7
+    lead = traj.positions[0] - measured
+    assert np.all(np.abs(lead) <= 0.2 + limits.max_velocity / HZ + 1e-9)  # start within 0.2, then one step's bound
+    with pytest.raises(UnsafeOutput, match="commanded joint positions"):
+        make_safe_trajectory(actions, times, 100.0, measured, 100.0, limits, lead=1 / HZ, commanded=np.full(9, np.nan))
+
+
 def test_points_in_the_past_are_dropped(limits):
     start = (limits.lower + limits.upper) / 2
     actions, times = chunk(start, np.zeros(9), w=5)

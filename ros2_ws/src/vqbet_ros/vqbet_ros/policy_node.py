@@ -107,6 +107,7 @@ class PolicyNode(ManagedNode):
                 ("future_tolerance", p["future_tolerance"] >= 0, ">= 0 seconds"),
                 ("control_hz", p["control_hz"] >= 0, ">= 0 (0 = the model's)"),
                 ("velocity_scale", p["velocity_scale"] > 0, "> 0 (a fraction of the calibration velocity bound)"),
+                ("max_tracking_error", p["max_tracking_error"] >= 0, ">= 0 (rad / m; 0 = no bound)"),
                 ("hold_settle", p["hold_settle"] >= 0, ">= 0 seconds (0 = one control period)"),
                 ("blend_exp_weight", p["blend_exp_weight"] >= 0, ">= 0"),
                 ("diagnostics_period", p["diagnostics_period"] > 0, "> 0 seconds"),
@@ -174,7 +175,7 @@ class PolicyNode(ManagedNode):
         self.good: dict[str, tuple[np.ndarray, float, float] | None] = {c: None for c in self.cameras}
         self.counts = {"steps": 0, "published": 0, "holds": 0, "stops": 0, "observe_errors": 0,
                        "rejected_outputs": 0, "late_chunks": 0, "clamped_values": 0, "rate_limited_values": 0,
-                       "dropped_past_points": 0, "skipped_steps": 0, "internal_errors": 0}
+                       "tracking_limited_values": 0, "dropped_past_points": 0, "skipped_steps": 0, "internal_errors": 0}
         self.received = {s: 0 for s in self._streams()}
         self.bad = {s: 0 for s in self._streams()}
         self.future = {s: 0 for s in self._streams()}  # of the bad: stamps beyond future_tolerance
@@ -302,6 +303,8 @@ class PolicyNode(ManagedNode):
             "future_tolerance": declare("future_tolerance", 0.1, "a stamp more than this ahead of the receive "
                                         "time is a bad message (s; sender clock ahead)"),
             "velocity_scale": declare("velocity_scale", 1.0, "fraction of the calibration velocity bound allowed"),
+            "max_tracking_error": declare("max_tracking_error", 0.0, "how far (rad, m for prismatic joints) the "
+                                          "velocity-bounded command may lead the measured joints; 0 = no bound"),
             "blend": declare("blend", "model", "overlapping chunks: model (model.yaml sampling.blend), average (paper), exp, none"),
             "blend_exp_weight": declare("blend_exp_weight", 0.0, "exp blending: weight exp(-w * age in steps)"),
             "hold_on_stop": declare("hold_on_stop", True, "on stop, send one hold trajectory (else just stop sending)"),
@@ -553,8 +556,12 @@ class PolicyNode(ManagedNode):
         runtime_ms = (time.perf_counter() - t_rt) * 1e3
         t_pub = time.perf_counter()
         try:
-            traj = make_safe_trajectory(chunk.actions, chunk.times, chunk.stamp, q[self.action_idx], self._now(),
-                                        self.limits, lead=chunk.period)
+            t_send = self._now()
+            # the velocity bound continues the command the controller is following (see make_safe_trajectory)
+            commanded = self.last_traj.sample(t_send) if self.commanding and self.last_traj is not None else None
+            traj = make_safe_trajectory(chunk.actions, chunk.times, chunk.stamp, q[self.action_idx], t_send,
+                                        self.limits, lead=chunk.period, commanded=commanded,
+                                        max_tracking_error=float(self.p["max_tracking_error"]))
         except UnsafeOutput as exc:
             kind = "late_chunks" if "in the past" in str(exc) else "rejected_outputs"
             self.counts[kind] += 1
@@ -568,6 +575,7 @@ class PolicyNode(ManagedNode):
         self.counts["clamped_values"] += traj.clamped
         self.counts["rate_limited_values"] += traj.rate_limited
         self.counts["dropped_past_points"] += traj.dropped_past
+        self.counts["tracking_limited_values"] += traj.tracking_limited
         node_ms = (done - t_recv) * 1e3
         self.latency_ms.append(node_ms)
         self.runtime_ms.append(runtime_ms)
