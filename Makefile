@@ -12,7 +12,7 @@ export PYOPENGL_PLATFORM ?= egl
 ROS2_LAUNCH ?= ../shared/ros2-jazzy-launch
 ROS2_STAMP := $(VENV)/.ros2_launch_installed
 
-.PHONY: venv demo demo-multipath test test-slow clean
+.PHONY: venv demo demo-pipeline demo-multipath test test-slow clean
 
 # `ros2 launch` + colcon for the launch tests (tests/launch) on machines without a ROS install: installed into
 # the venv when ../shared/ros2-jazzy-launch is beside the clone; without it (and without a ROS 2 on PATH) the
@@ -35,8 +35,13 @@ $(ROS2_STAMP): $(STAMP) $(ROS2_LAUNCH)/src/SOURCES
 	bash $(ROS2_LAUNCH)/install.sh $(VENV)
 	touch $@
 
-# The main job: demonstrations -> VQ-BeT -> ONNX -> policy_node driving sim_robot_node over ROS 2 (loopback DDS).
+# The main job: the shipped goal-conditioned image model (models/kitchen_image_goal) runs operator-ordered
+# kitchen sequences through policy_node, driving sim_robot_node (MuJoCo Franka Kitchen) over ROS 2 (loopback DDS).
 demo: venv
+	$(BIN)/python -m vqbet_ros.kitchen_demo --out runs/kitchen_demo
+
+# The whole pipeline on embedded defaults: demonstrations -> VQ-BeT -> ONNX -> policy_node on the simulated block push.
+demo-pipeline: venv
 	$(BIN)/python -m vqbet_ros.sim_demo --out runs/sim_demo
 
 # Multimodal learning check: VQ-BeT vs a plain MSE policy on the BeT paper's multipath point mass.
