@@ -193,8 +193,8 @@ NODES = [
     # (executable, module, how the class is found, shipped parameter file, overrides, what the page says)
     ("policy_node", "vqbet_ros.policy_node", "PolicyNode", "policy.yaml"),
     ("recorder_node", "vqbet_ros.recorder_node", "RecorderNode", "recorder.yaml"),
-    ("sim_robot_node", "vqbet_ros.sim_robot_node", "make_node_class", "sim.yaml"),
-    ("scripted_teleop_node", "vqbet_ros.scripted_teleop_node", "make_node_class", "sim.yaml"),
+    ("sim_robot_node", "vqbet_ros.sim_robot_node", "SimRobotNode", "sim.yaml"),
+    ("scripted_teleop_node", "vqbet_ros.scripted_teleop_node", "ScriptedTeleopNode", "sim.yaml"),
     ("record_keyboard", "vqbet_ros.record_keyboard", "RecordKeyboard", None),
 ]
 HIDDEN_TOPICS = {"/rosout", "/parameter_events"}
@@ -353,8 +353,6 @@ def _instantiate(name: str, module_name: str, how: str, overrides: dict, context
 
     module = importlib.import_module(module_name)
     cls = getattr(module, how)
-    if how == "make_node_class":
-        cls = cls()
     params = [Parameter(k, value=v) for k, v in overrides.items()]
     declared.clear()
     node = cls(context=context, parameter_overrides=params)

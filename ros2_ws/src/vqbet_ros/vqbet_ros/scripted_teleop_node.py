@@ -42,7 +42,15 @@ import sys
 
 import numpy as np
 
+from rclpy.node import Node
+from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
+from sensor_msgs.msg import JointState
+from std_msgs.msg import Float64MultiArray, String
+from std_srvs.srv import Trigger
+
 from vqbet_core.errors import VqbetError
+from vqbet_ros import ros_convert
+from vqbet_ros.params import declare as declare_parameter
 from vqbet_ros.sim_robot_node import STATE_HEADER, make_sim_env, parse_env_args
 
 H = {name: i for i, name in enumerate(STATE_HEADER)}
@@ -97,224 +105,210 @@ class ExpertDriver:
         return target, stamp_ns
 
 
-def make_node_class():
-    from vqbet_ros.params import declare as declare_parameter
-    from rclpy.node import Node
-    from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
-    from sensor_msgs.msg import JointState
-    from std_msgs.msg import Float64MultiArray, String
-    from std_srvs.srv import Trigger
+class ScriptedTeleopNode(Node):
+    def __init__(self, **kwargs):
+        super().__init__("scripted_teleop_node", **kwargs)
+        p = self.p = self._declare_parameters()
+        if p["episodes"] < 0:
+            raise VqbetError(f"parameter episodes must be >= 0 (0 = until stopped), got {p['episodes']}")
+        if not p["mark_wait"] >= 0:
+            raise VqbetError(f"parameter mark_wait must be >= 0 seconds, got {p['mark_wait']}")
+        if p["min_subscribers"] < 1:
+            raise VqbetError(f"parameter min_subscribers must be >= 1 (the recorder), got {p['min_subscribers']}")
+        self.env = make_sim_env(p["env"], parse_env_args(p["env_args"]))
+        self.driver = ExpertDriver(self.env)
+        reliable = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
+        self.command_pub = self.create_publisher(JointState, p["command_topic"], reliable)
+        self.create_subscription(Float64MultiArray, p["state_topic"], self._on_state, reliable)
+        self.commands = 0
+        self.finished = False
+        log = self.get_logger()
+        # recording: a small state machine over async service calls (the executor never blocks)
+        self.recording = bool(p["recorder"])
+        if self.recording:
+            rec = p["recorder"].rstrip("/")
+            self.services_ = {name: self.create_client(Trigger, srv) for name, srv in (
+                ("reset", f"{p['sim_node'].rstrip('/')}/reset"), ("start", f"{rec}/start_episode"),
+                ("end", f"{rec}/end_episode"), ("discard", f"{rec}/discard_episode"))}
+            self.phase = "waiting"  # waiting for the recorder | starting | resetting | recording | ending | done
+            self.recorded = 0
+            self.current: int | None = None  # sim episode being recorded
+            self.recorder_streams: set[str] = set()  # streams the recorder's ~/status says it receives
+            self.create_subscription(String, p["result_topic"], self._on_result, QoSProfile(
+                depth=20, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL))
+            self.create_subscription(String, f"{rec}/status", self._on_recorder_status, 10)
+            # subtask marks: the simulator's completions of the recorded episode, forwarded to the recorder
+            self.mark_pub = self.create_publisher(String, f"{rec}/subtask_done", QoSProfile(
+                depth=50, reliability=ReliabilityPolicy.RELIABLE))
+            self.create_subscription(String, p["subtasks_topic"], self._on_subtasks, QoSProfile(
+                depth=20, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL))
+            self.marks_sent = 0  # marks forwarded in all
+            self.episode_marks: list[str] = []  # subtasks forwarded for the episode being recorded
+            self.recorder_marks = -1  # marks the recorder has received in all (its ~/status), -1 = not heard
+            self.pending_end: tuple | None = None  # (keep, result, deadline ns) of an episode waiting for its marks
+            self.create_timer(0.2, self._poll_services)
+            log.info(f"recording {p['episodes'] or 'unlimited'} episodes through {rec}")
+        log.info(f"expert of env {p['env']} teleoperating joints {self.driver.joint_names} on {p['command_topic']}")
 
-    from vqbet_ros import ros_convert
+    def _declare_parameters(self) -> dict:
+        def declare(name, default, description):
+            return declare_parameter(self, name, default, description)  # a wrong type: one line, exit 2
 
-    class ScriptedTeleopNode(Node):
-        def __init__(self, **kwargs):
-            super().__init__("scripted_teleop_node", **kwargs)
-            p = self.p = self._declare_parameters()
-            if p["episodes"] < 0:
-                raise VqbetError(f"parameter episodes must be >= 0 (0 = until stopped), got {p['episodes']}")
-            if not p["mark_wait"] >= 0:
-                raise VqbetError(f"parameter mark_wait must be >= 0 seconds, got {p['mark_wait']}")
-            if p["min_subscribers"] < 1:
-                raise VqbetError(f"parameter min_subscribers must be >= 1 (the recorder), got {p['min_subscribers']}")
-            self.env = make_sim_env(p["env"], parse_env_args(p["env_args"]))
-            self.driver = ExpertDriver(self.env)
-            reliable = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
-            self.command_pub = self.create_publisher(JointState, p["command_topic"], reliable)
-            self.create_subscription(Float64MultiArray, p["state_topic"], self._on_state, reliable)
-            self.commands = 0
-            self.finished = False
-            log = self.get_logger()
-            # recording: a small state machine over async service calls (the executor never blocks)
-            self.recording = bool(p["recorder"])
-            if self.recording:
-                rec = p["recorder"].rstrip("/")
-                self.services_ = {name: self.create_client(Trigger, srv) for name, srv in (
-                    ("reset", f"{p['sim_node'].rstrip('/')}/reset"), ("start", f"{rec}/start_episode"),
-                    ("end", f"{rec}/end_episode"), ("discard", f"{rec}/discard_episode"))}
-                self.phase = "waiting"  # waiting for the recorder | starting | resetting | recording | ending | done
-                self.recorded = 0
-                self.current: int | None = None  # sim episode being recorded
-                self.recorder_streams: set[str] = set()  # streams the recorder's ~/status says it receives
-                self.create_subscription(String, p["result_topic"], self._on_result, QoSProfile(
-                    depth=20, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL))
-                self.create_subscription(String, f"{rec}/status", self._on_recorder_status, 10)
-                # subtask marks: the simulator's completions of the recorded episode, forwarded to the recorder
-                self.mark_pub = self.create_publisher(String, f"{rec}/subtask_done", QoSProfile(
-                    depth=50, reliability=ReliabilityPolicy.RELIABLE))
-                self.create_subscription(String, p["subtasks_topic"], self._on_subtasks, QoSProfile(
-                    depth=20, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL))
-                self.marks_sent = 0  # marks forwarded in all
-                self.episode_marks: list[str] = []  # subtasks forwarded for the episode being recorded
-                self.recorder_marks = -1  # marks the recorder has received in all (its ~/status), -1 = not heard
-                self.pending_end: tuple | None = None  # (keep, result, deadline ns) of an episode waiting for its marks
-                self.create_timer(0.2, self._poll_services)
-                log.info(f"recording {p['episodes'] or 'unlimited'} episodes through {rec}")
-            log.info(f"expert of env {p['env']} teleoperating joints {self.driver.joint_names} on {p['command_topic']}")
+        return {
+            "env": declare("env", "blockpush", "simulated env: the same as sim_robot_node's"),
+            "env_args": declare("env_args", "", "env arguments (YAML mapping): the same as sim_robot_node's"),
+            "state_topic": declare("state_topic", "/sim/state", "simulator state in (Float64MultiArray)"),
+            "command_topic": declare("command_topic", "/teleop/joint_command", "joint targets out (JointState)"),
+            "result_topic": declare("result_topic", "/sim/episode_result", "episode outcomes in (String, JSON)"),
+            "recorder": declare("recorder", "", "recorder node to drive (e.g. /recorder_node); empty = teleop only"),
+            "sim_node": declare("sim_node", "/sim_robot_node", "simulator node whose ~/reset starts episodes"),
+            "episodes": declare("episodes", 0, "episodes to record; 0 = until stopped"),
+            "keep_failed": declare("keep_failed", False, "commit episodes the expert failed (default: discard)"),
+            "exit_when_done": declare("exit_when_done", False, "exit once the episodes are recorded"),
+            "min_subscribers": declare("min_subscribers", 1, "start recording once this many nodes subscribe to "
+                                       "command_topic (the recorder, plus any monitor that must see every command)"),
+            "subtasks_topic": declare("subtasks_topic", "/sim/subtasks", "simulator's subtask completions in "
+                                      "(String, JSON); forwarded as marks to <recorder>/subtask_done"),
+            "mark_wait": declare("mark_wait", 5.0, "longest an episode's end waits for the recorder to count "
+                                 "its subtask marks (s)"),
+        }
 
-        def _declare_parameters(self) -> dict:
-            def declare(name, default, description):
-                return declare_parameter(self, name, default, description)  # a wrong type: one line, exit 2
+    # -------------------------------------------------------------- teleop
+    def _on_state(self, msg) -> None:
+        try:
+            out = self.driver.act(msg.data)
+        except (ValueError, VqbetError) as exc:
+            self.get_logger().warning(f"skipped a /sim/state message: {exc}", throttle_duration_sec=5.0)
+            return
+        if out is None or (self.recording and self.phase == "done"):
+            return
+        target, stamp_ns = out
+        self.command_pub.publish(ros_convert.joint_state(self.driver.joint_names, target, stamp_ns))
+        self.commands += 1
 
-            return {
-                "env": declare("env", "blockpush", "simulated env: the same as sim_robot_node's"),
-                "env_args": declare("env_args", "", "env arguments (YAML mapping): the same as sim_robot_node's"),
-                "state_topic": declare("state_topic", "/sim/state", "simulator state in (Float64MultiArray)"),
-                "command_topic": declare("command_topic", "/teleop/joint_command", "joint targets out (JointState)"),
-                "result_topic": declare("result_topic", "/sim/episode_result", "episode outcomes in (String, JSON)"),
-                "recorder": declare("recorder", "", "recorder node to drive (e.g. /recorder_node); empty = teleop only"),
-                "sim_node": declare("sim_node", "/sim_robot_node", "simulator node whose ~/reset starts episodes"),
-                "episodes": declare("episodes", 0, "episodes to record; 0 = until stopped"),
-                "keep_failed": declare("keep_failed", False, "commit episodes the expert failed (default: discard)"),
-                "exit_when_done": declare("exit_when_done", False, "exit once the episodes are recorded"),
-                "min_subscribers": declare("min_subscribers", 1, "start recording once this many nodes subscribe to "
-                                           "command_topic (the recorder, plus any monitor that must see every command)"),
-                "subtasks_topic": declare("subtasks_topic", "/sim/subtasks", "simulator's subtask completions in "
-                                          "(String, JSON); forwarded as marks to <recorder>/subtask_done"),
-                "mark_wait": declare("mark_wait", 5.0, "longest an episode's end waits for the recorder to count "
-                                     "its subtask marks (s)"),
-            }
+    # -------------------------------------------------------------- recording
+    def _on_recorder_status(self, msg) -> None:
+        try:
+            status = json.loads(msg.data)
+            self.recorder_streams |= set(status.get("max_latency_s", {}))
+            self.recorder_marks = max(self.recorder_marks, int(status.get("marks_received", -1)))
+        except (ValueError, AttributeError, TypeError):
+            pass
+        self._maybe_end()
 
-        # -------------------------------------------------------------- teleop
-        def _on_state(self, msg) -> None:
-            try:
-                out = self.driver.act(msg.data)
-            except (ValueError, VqbetError) as exc:
-                self.get_logger().warning(f"skipped a /sim/state message: {exc}", throttle_duration_sec=5.0)
+    def _on_subtasks(self, msg) -> None:
+        """The simulator's completions -> "subtask done" marks, only for the episode being recorded."""
+        try:
+            data = json.loads(msg.data)
+            episode, new, stamp = int(data["episode"]), [str(t) for t in data["new"]], float(data["stamp"])
+        except (ValueError, KeyError, TypeError) as exc:
+            self.get_logger().warning(f"skipped a bad subtask message: {exc}")
+            return
+        if self.phase not in ("recording", "ending") or episode != self.current:
+            return
+        for task in new:
+            self.mark_pub.publish(String(data=json.dumps({"task": task, "stamp": stamp})))
+            self.marks_sent += 1
+            self.episode_marks.append(task)
+            self.get_logger().info(f"sim episode {episode}: subtask '{task}' done at step {data.get('step')}: marked")
+        self._maybe_end()
+
+    def _maybe_end(self) -> None:
+        """End the episode once its marks are all forwarded and counted by the recorder (or mark_wait passed)."""
+        if self.pending_end is None:
+            return
+        keep, result, deadline = self.pending_end
+        completed = result.get("info", {}).get("completed") if isinstance(result.get("info"), dict) else None
+        forwarded = completed is None or len(self.episode_marks) >= len(completed)
+        counted = self.marks_sent == 0 or self.recorder_marks >= self.marks_sent
+        if not (forwarded and counted):
+            if self.get_clock().now().nanoseconds < deadline:
                 return
-            if out is None or (self.recording and self.phase == "done"):
-                return
-            target, stamp_ns = out
-            self.command_pub.publish(ros_convert.joint_state(self.driver.joint_names, target, stamp_ns))
-            self.commands += 1
+            self.get_logger().warning(
+                f"sim episode {result['episode']}: ending without every subtask mark counted (forwarded "
+                f"{self.episode_marks}, completed {completed}, recorder counted {self.recorder_marks} of "
+                f"{self.marks_sent})")
+        self.pending_end = None
+        self._call("end" if keep else "discard", lambda r: self._on_ended(r, keep, result))
 
-        # -------------------------------------------------------------- recording
-        def _on_recorder_status(self, msg) -> None:
-            try:
-                status = json.loads(msg.data)
-                self.recorder_streams |= set(status.get("max_latency_s", {}))
-                self.recorder_marks = max(self.recorder_marks, int(status.get("marks_received", -1)))
-            except (ValueError, AttributeError, TypeError):
-                pass
-            self._maybe_end()
-
-        def _on_subtasks(self, msg) -> None:
-            """The simulator's completions -> "subtask done" marks, only for the episode being recorded."""
-            try:
-                data = json.loads(msg.data)
-                episode, new, stamp = int(data["episode"]), [str(t) for t in data["new"]], float(data["stamp"])
-            except (ValueError, KeyError, TypeError) as exc:
-                self.get_logger().warning(f"skipped a bad subtask message: {exc}")
-                return
-            if self.phase not in ("recording", "ending") or episode != self.current:
-                return
-            for task in new:
-                self.mark_pub.publish(String(data=json.dumps({"task": task, "stamp": stamp})))
-                self.marks_sent += 1
-                self.episode_marks.append(task)
-                self.get_logger().info(f"sim episode {episode}: subtask '{task}' done at step {data.get('step')}: marked")
-            self._maybe_end()
-
-        def _maybe_end(self) -> None:
-            """End the episode once its marks are all forwarded and counted by the recorder (or mark_wait passed)."""
-            if self.pending_end is None:
-                return
-            keep, result, deadline = self.pending_end
-            completed = result.get("info", {}).get("completed") if isinstance(result.get("info"), dict) else None
-            forwarded = completed is None or len(self.episode_marks) >= len(completed)
-            counted = self.marks_sent == 0 or self.recorder_marks >= self.marks_sent
-            if not (forwarded and counted):
-                if self.get_clock().now().nanoseconds < deadline:
-                    return
-                self.get_logger().warning(
-                    f"sim episode {result['episode']}: ending without every subtask mark counted (forwarded "
-                    f"{self.episode_marks}, completed {completed}, recorder counted {self.recorder_marks} of "
-                    f"{self.marks_sent})")
-            self.pending_end = None
-            self._call("end" if keep else "discard", lambda r: self._on_ended(r, keep, result))
-
-        def _poll_services(self) -> None:
-            self._maybe_end()
-            if self.phase != "waiting":
-                return
-            if (all(c.service_is_ready() for c in self.services_.values()) and "robot_joint" in self.recorder_streams
-                    and self.command_pub.get_subscription_count() >= self.p["min_subscribers"]):
-                self.get_logger().info("simulator and recorder are up; the recorder receives joint states")
-                self._next_episode()
-
-        def _call(self, name: str, then) -> None:
-            from std_srvs.srv import Trigger
-
-            future = self.services_[name].call_async(Trigger.Request())
-            future.add_done_callback(lambda f: self._answered(name, f, then))
-
-        def _answered(self, name: str, future, then) -> None:
-            try:
-                response = future.result()
-            except Exception as exc:  # noqa: BLE001 - the service went away
-                self._fail(f"{name} call failed: {exc}")
-                return
-            then(response)
-
-        def _fail(self, why: str) -> None:
-            self.get_logger().error(f"recording stopped: {why}")
-            self.phase = "done"
-            self.finished = True
-
-        def _next_episode(self) -> None:
-            if self.p["episodes"] and self.recorded >= self.p["episodes"]:
-                self.phase = "done"
-                self.finished = True
-                self.get_logger().info(f"recorded {self.recorded} episodes: done")
-                return
-            self.phase = "starting"
-            self._call("start", self._on_started)
-
-        def _on_started(self, response) -> None:
-            if not response.success:
-                self._fail(f"recorder start_episode refused: {response.message}")
-                return
-            self.phase = "resetting"
-            self.recorder_message = response.message
-            self._call("reset", self._on_reset_done)
-
-        def _on_reset_done(self, response) -> None:
-            if not response.success:
-                self._fail(f"simulator ~/reset refused: {response.message}")
-                return
-            self.current = int(json.loads(response.message)["episode"])
-            self.episode_marks = []
-            self.phase = "recording"
-            self.get_logger().info(f"recording sim episode {self.current}: {self.recorder_message}")
-
-        def _on_result(self, msg) -> None:
-            try:
-                result = json.loads(msg.data)
-                episode, success = int(result["episode"]), bool(result["success"])
-            except (ValueError, KeyError, TypeError) as exc:
-                self.get_logger().warning(f"skipped a bad episode result: {exc}")
-                return
-            if self.phase != "recording" or episode != self.current:
-                return
-            self.phase = "ending"
-            keep = success or self.p["keep_failed"]
-            deadline = self.get_clock().now().nanoseconds + int(self.p["mark_wait"] * 1e9)
-            self.pending_end = (keep, result, deadline)
-            self._maybe_end()
-
-        def _on_ended(self, response, kept: bool, result: dict) -> None:
-            log = self.get_logger()
-            if kept and response.success:
-                self.recorded += 1
-                log.info(f"sim episode {result['episode']} (success {result['success']}, mode {result.get('mode')}): "
-                         f"{response.message} [{self.recorded}/{self.p['episodes'] or '-'}]")
-            elif kept:
-                log.warning(f"sim episode {result['episode']} not committed: {response.message}")
-            else:
-                log.info(f"sim episode {result['episode']} failed: discarded ({response.message})")
+    def _poll_services(self) -> None:
+        self._maybe_end()
+        if self.phase != "waiting":
+            return
+        if (all(c.service_is_ready() for c in self.services_.values()) and "robot_joint" in self.recorder_streams
+                and self.command_pub.get_subscription_count() >= self.p["min_subscribers"]):
+            self.get_logger().info("simulator and recorder are up; the recorder receives joint states")
             self._next_episode()
 
-    return ScriptedTeleopNode
+    def _call(self, name: str, then) -> None:
+        future = self.services_[name].call_async(Trigger.Request())
+        future.add_done_callback(lambda f: self._answered(name, f, then))
+
+    def _answered(self, name: str, future, then) -> None:
+        try:
+            response = future.result()
+        except Exception as exc:  # noqa: BLE001 - the service went away
+            self._fail(f"{name} call failed: {exc}")
+            return
+        then(response)
+
+    def _fail(self, why: str) -> None:
+        self.get_logger().error(f"recording stopped: {why}")
+        self.phase = "done"
+        self.finished = True
+
+    def _next_episode(self) -> None:
+        if self.p["episodes"] and self.recorded >= self.p["episodes"]:
+            self.phase = "done"
+            self.finished = True
+            self.get_logger().info(f"recorded {self.recorded} episodes: done")
+            return
+        self.phase = "starting"
+        self._call("start", self._on_started)
+
+    def _on_started(self, response) -> None:
+        if not response.success:
+            self._fail(f"recorder start_episode refused: {response.message}")
+            return
+        self.phase = "resetting"
+        self.recorder_message = response.message
+        self._call("reset", self._on_reset_done)
+
+    def _on_reset_done(self, response) -> None:
+        if not response.success:
+            self._fail(f"simulator ~/reset refused: {response.message}")
+            return
+        self.current = int(json.loads(response.message)["episode"])
+        self.episode_marks = []
+        self.phase = "recording"
+        self.get_logger().info(f"recording sim episode {self.current}: {self.recorder_message}")
+
+    def _on_result(self, msg) -> None:
+        try:
+            result = json.loads(msg.data)
+            episode, success = int(result["episode"]), bool(result["success"])
+        except (ValueError, KeyError, TypeError) as exc:
+            self.get_logger().warning(f"skipped a bad episode result: {exc}")
+            return
+        if self.phase != "recording" or episode != self.current:
+            return
+        self.phase = "ending"
+        keep = success or self.p["keep_failed"]
+        deadline = self.get_clock().now().nanoseconds + int(self.p["mark_wait"] * 1e9)
+        self.pending_end = (keep, result, deadline)
+        self._maybe_end()
+
+    def _on_ended(self, response, kept: bool, result: dict) -> None:
+        log = self.get_logger()
+        if kept and response.success:
+            self.recorded += 1
+            log.info(f"sim episode {result['episode']} (success {result['success']}, mode {result.get('mode')}): "
+                     f"{response.message} [{self.recorded}/{self.p['episodes'] or '-'}]")
+        elif kept:
+            log.warning(f"sim episode {result['episode']} not committed: {response.message}")
+        else:
+            log.info(f"sim episode {result['episode']} failed: discarded ({response.message})")
+        self._next_episode()
 
 
 def main(args=None) -> int:
@@ -323,7 +317,7 @@ def main(args=None) -> int:
     def spin(node, stopping):
         spin_until_stopped(node, stopping, until=lambda: node.finished and node.p["exit_when_done"])
 
-    return run_node("scripted_teleop_node", make_node_class(), args, spin=spin, cleanup=lambda node: node.env.close())
+    return run_node("scripted_teleop_node", ScriptedTeleopNode, args, spin=spin, cleanup=lambda node: node.env.close())
 
 
 if __name__ == "__main__":
