@@ -284,7 +284,7 @@ def test_env_with_joint_names_but_no_protocol_is_refused():
 def test_scripted_teleop_driver_replays_the_sim_demos_expert():
     """scripted_teleop_node's ROS-free core: /sim/state vectors in, the same targets sim-demos records out."""
     teleop = pytest.importorskip("vqbet_ros.scripted_teleop_node")
-    from vqbet_ros.sim_robot_node import STATE_HEADER, lowdim_vector
+    from vqbet_ros.sim_state import STATE_HEADER, lowdim_vector
 
     seed = 4
     env, local = BlockPushEnv(action_mode="target"), BlockPushEnv(action_mode="target")

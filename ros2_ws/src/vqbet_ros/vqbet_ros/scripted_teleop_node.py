@@ -1,7 +1,7 @@
 """scripted_teleop_node: the env's scripted expert as a teleoperator of ``sim_robot_node``.
 
 Why: it closes the record -> train path without hardware. It reads the simulated world from
-``/sim/state`` (``sim_robot_node.STATE_HEADER`` + the env's low-dim observation), runs the env's scripted
+``/sim/state`` (``sim_state.STATE_HEADER`` + the env's low-dim observation), runs the env's scripted
 expert on it and publishes the expert's joint targets on ``/teleop/joint_command`` (sensor_msgs/JointState),
 exactly what a human's teleop device would send, so ``recorder_node`` records them as ``action``. Each
 command carries the stamp of the state it answers, so a recorder sampling by header stamps pairs every
@@ -51,7 +51,7 @@ from std_srvs.srv import Trigger
 from vqbet_core.errors import VqbetError
 from vqbet_ros import ros_convert
 from vqbet_ros.params import declare as declare_parameter
-from vqbet_ros.sim_robot_node import STATE_HEADER, make_sim_env, parse_env_args
+from vqbet_ros.sim_state import STATE_HEADER, make_sim_env, parse_env_args
 
 H = {name: i for i, name in enumerate(STATE_HEADER)}
 

@@ -67,49 +67,7 @@ from vqbet_ros import ros_convert
 from vqbet_ros.diagnostics import Diagnostics
 from vqbet_ros.params import declare as declare_parameter
 from vqbet_ros.qos import qos_from_parameters
-
-# /sim/state layout: these header fields, then the env's low-dim observation (obs_keys order, flattened)
-STATE_HEADER = ("episode", "seed", "step", "running", "stamp_sec", "stamp_nanosec")
-
-
-def parse_env_args(text: str) -> dict:
-    """The ``env_args`` parameter: a YAML mapping (``"{action_mode: target, image_size: 96}"``), empty = ``{}``."""
-    import yaml
-
-    if not text.strip():
-        return {}
-    try:
-        value = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise VqbetError(f"parameter env_args is not valid YAML ({str(exc).splitlines()[0]}): {text!r}") from None
-    if value is None:
-        return {}
-    if not isinstance(value, dict):
-        raise VqbetError(f"parameter env_args must be a YAML mapping like '{{image_size: 96}}', got {text!r}")
-    return value
-
-
-def make_sim_env(name: str, env_args: dict, control_hz: float = 0.0):
-    """``make_env`` with the node's parameters; a wrong keyword becomes one VqbetError line."""
-    from vqbet_core.sim import make_env
-
-    kwargs = dict(env_args)
-    if control_hz:
-        kwargs.setdefault("control_hz", float(control_hz))
-    try:
-        env = make_env(name, **kwargs)
-    except TypeError as exc:
-        raise VqbetError(f"parameter env_args {env_args} (control_hz {control_hz or 'default'}) not accepted by env "
-                         f"'{name}': {exc}") from None
-    if not getattr(env, "joint_names", None):
-        env.close()
-        raise VqbetError(f"parameter env: env '{name}' has no joint_names, so it cannot be driven as a robot")
-    return env
-
-
-def lowdim_vector(obs: dict, keys: list[str]) -> np.ndarray:
-    """The env's low-dim observation keys, flattened and concatenated (the body of ``/sim/state``)."""
-    return np.concatenate([np.asarray(obs[k], np.float64).reshape(-1) for k in keys]) if keys else np.zeros(0)
+from vqbet_ros.sim_state import STATE_HEADER, lowdim_vector, make_sim_env, parse_env_args
 
 
 def _stamp_s(stamp) -> float:
@@ -179,9 +137,6 @@ class SimRobotNode(Node):
         self.create_service(Trigger, "~/reset", self._on_reset)
         self.diagnostics = Diagnostics(self, "sim_robot", hardware_id=f"sim:{p['env']}")
         if self.lockstep:
-            from rosgraph_msgs.msg import Clock
-
-            self.clock_msg = Clock
             self.clock_pub = self.create_publisher(Clock, "/clock", 10)
         # lockstep checks four times a period whether the next tick may come (its command may arrive any time)
         self.create_timer(self.period / 4 if self.lockstep else self.period, self._on_tick)
