@@ -9,6 +9,8 @@ STAMP := $(VENV)/.installed
 export MUJOCO_GL ?= egl
 export PYOPENGL_PLATFORM ?= egl
 
+# onnxruntime build: cpu (onnxruntime) or gpu (onnxruntime-gpu: TensorRT / CUDA / CPU providers), never both
+ORT ?= cpu
 ROS2_LAUNCH ?= ../shared/ros2-jazzy-launch
 ROS2_STAMP := $(VENV)/.ros2_launch_installed
 
@@ -24,7 +26,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/python -c "import torch, torchvision" 2>/dev/null || \
 	  $(BIN)/pip install -q --isolated $$(test -f $(CERT) && echo --cert $(CERT)) torch==2.13.0 torchvision==0.28.0
-	$(BIN)/pip install -q -e ".[ros,sim,dev]" -e ros2_ws/src/vqbet_ros
+	$(BIN)/pip install -q -e ".[ros,sim,dev,$(ORT)]" -e ros2_ws/src/vqbet_ros
 	$(BIN)/python -c "import torch, torchvision, zarr, onnxruntime, rclpy; print('venv ready: torch', torch.__version__, 'torchvision', torchvision.__version__)"
 	touch $(STAMP)
 

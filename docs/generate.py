@@ -586,16 +586,20 @@ def write_latency_chart(path: Path = LATENCY_CHART) -> Path:
     left.legend(loc="upper left", fontsize=7, frameon=False)
     left.tick_params(labelsize=7)
     rows = lat["runtime_vs_torch_ms"]
+    sides = (("onnx", "onnxruntime fp32 (ours)", "#1f77b4"), ("int8", "onnxruntime, int8 encoder (ours)", "#2ca02c"),
+             ("torch", "torch eager", "#ff7f0e"))
     for i, row in enumerate(rows):
-        right.bar(i - 0.2, row["onnx"], 0.4, color="#1f77b4", label="onnxruntime (ours)" if i == 0 else None)
-        right.bar(i + 0.2, row["torch"], 0.4, color="#ff7f0e", label="torch eager" if i == 0 else None)
-        right.text(i - 0.2, row["onnx"], f"{row['onnx']:g}", ha="center", va="bottom", fontsize=7)
-        right.text(i + 0.2, row["torch"], f"{row['torch']:g}", ha="center", va="bottom", fontsize=7)
+        present = [s for s in sides if row.get(s[0]) is not None]
+        width = 0.8 / len(present)
+        for j, (key, label, color) in enumerate(present):
+            x = i - 0.4 + width * (j + 0.5)
+            right.bar(x, row[key], width, color=color, label=label if label not in right.get_legend_handles_labels()[1] else None)
+            right.text(x, row[key], f"{row[key]:g}", ha="center", va="bottom", fontsize=6)
     right.set_xticks(range(len(rows)), [r["model"] for r in rows], fontsize=7)
     right.set_yscale("log")
     right.set_ylim(0.5, max(r["torch"] for r in rows) * 2)
     right.set_ylabel("runtime step, ms (log)", fontsize=8)
-    right.set_title("runtime step vs torch eager, 1 CPU thread", fontsize=9)
+    right.set_title(lat.get("runtime_vs_torch_title", "runtime step vs torch eager"), fontsize=9)
     right.legend(fontsize=7, frameon=False)
     right.tick_params(labelsize=7)
     fig.tight_layout()

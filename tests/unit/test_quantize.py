@@ -31,6 +31,9 @@ def test_int8_encoder_is_written_checked_and_used(image_model, capsys):
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     parity = report["parity"]
     assert 0.5 <= parity["code_agreement"] <= 1.0 and 0.5 <= parity["feature_cosine_min"] < 1.0
+    assert 0 <= parity["primary_distribution_tv_mean"] <= parity["primary_distribution_tv_max"] <= 1
+    flips = round((1 - parity["code_agreement"]) * 16)
+    assert len(parity["flipped_fp32_top2_gaps"]) == flips and all(0 <= g <= 1 for g in parity["flipped_fp32_top2_gaps"])
     meta = yaml.safe_load((model / "model.yaml").read_text())
     assert meta["encoder_precision"] == "int8" and meta["files"]["encoder_int8"]["calibration"]["frames"] == 32
     assert (model / "encoder.onnx").is_file()  # the fp32 graph stays
@@ -106,3 +109,45 @@ def test_bench_policy_puts_int8_beside_fp32(image_model, capsys):
     entry = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["results"]["32x32"]
     assert {"p50", "p99", "max"} <= set(entry["runtime_int8_ms"]["encoder"])
     assert entry["int8_encoder_speedup"] > 0 and 0 <= entry["int8_parity"]["code_agreement"] <= 1
+
+
+def test_other_calibration_methods_and_fp32_ends(image_model, tmp_path, capsys):
+    import shutil
+
+    data, model = image_model
+    copy = tmp_path / "m"
+    shutil.copytree(model, copy)
+    assert vqbet(["quantize", str(copy), "--data", str(data), "--frames", "16", "--holdout", "8", "--method", "percentile",
+                  "--keep-ends-fp32", "--min-agreement", "0", "--min-cosine", "0"]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert "percentile" in report["calibration"]["method"] and "fp32 kept for" in report["calibration"]["method"]
+    import onnx
+
+    graph = onnx.load(str(copy / "encoder_int8.onnx")).graph
+    convs = [n for n in graph.node if n.op_type == "Conv"]
+    # the first convolution reads the fp32 image directly (no DequantizeLinear in front of its input)
+    producers = {o: n.op_type for n in graph.node for o in n.output}
+    assert producers.get(convs[0].input[0]) != "DequantizeLinear"
+    assert any(producers.get(c.input[0]) == "DequantizeLinear" for c in convs[1:-1])
+
+
+def test_bench_policy_session_settings_variants_and_plot(image_model, tmp_path, capsys):
+    from vqbet_core.errors import VqbetError
+    from vqbet_core.runtime import bench
+
+    data, model = image_model
+    png = tmp_path / "latency.png"
+    assert bench.main(["--model", str(model), "--steps", "6", "--warmup", "1", "--threads", "1", "--sizes", "32",
+                       "--no-torch", "--session", "spin=1", "--session-variants", "io_binding=1", "spin=0,threads=1",
+                       "--plot", str(png)]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["session"]["spin"] is True and png.stat().st_size > 1000
+    entry = out["results"]["32x32"]
+    assert set(entry["variants"]) == {"io_binding=1", "spin=0,threads=1"}
+    for v in entry["variants"].values():
+        assert v["jitter_p99_over_p50"] >= 1.0 and v["step"]["p50"] > 0
+    assert entry["providers"] == {"policy": ["CPUExecutionProvider"], "encoder": ["CPUExecutionProvider"]}
+    with pytest.raises(VqbetError, match="KEY=VALUE"):
+        bench.parse_variant("spinning=1", 1)
+    with pytest.raises(VqbetError, match="needs an integer"):
+        bench.parse_variant("spin=yes", 1)

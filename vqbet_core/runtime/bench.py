@@ -1,11 +1,14 @@
 """``vqbet bench policy --model DIR``: per-stage step latency of the runtime vs the same model in torch eager.
 
-One control step = observe (preprocess, encoder) + predict (policy graph, sampling + decode). Both
-sides get the same raw observations, one step at a time (batch 1, as on the robot), and the same
-thread count, in alternating blocks of steps so load changes on a shared machine hit both alike. Printed as
-one JSON line: p50 / p99 / min milliseconds per stage and in total, per image size,
-``speedup`` = torch eager step time / runtime step time (p50), and ``outside_graphs_fraction`` =
-the share of the runtime step spent outside the encoder and policy graphs (p50).
+One control step = observe (preprocess, encoder) + predict (policy graph, sampling + decode). Every
+side (the runtime at its default session settings, the int8 encoder with ``--int8-data``, other session
+settings with ``--session-variants``, torch eager) gets the same raw observations, one step at a time
+(batch 1, as on the robot), and the same thread count, in alternating blocks of steps so load changes on a
+shared machine hit all alike. Printed as one JSON line: p50 / p99 / max / min milliseconds per stage and
+in total, per image size; ``speedup`` = torch eager step time / runtime step time (p50),
+``jitter_p99_over_p50`` = the whole step's p99 / p50, ``outside_graphs_fraction`` = the share of the
+runtime step spent outside the encoder and policy graphs (p50), ``providers`` = what onnxruntime actually
+registered per graph. ``--plot`` draws the step per configuration.
 
 Image sizes other than the exported one are measured on a temporary re-export of the checkpoint at
 that size (the encoder graph has a fixed input size); the torch side needs the checkpoint too
@@ -52,10 +55,10 @@ def _observations(spec, n: int, raw_size: tuple[int, int] | None, seed: int = 0)
 class RuntimeStepper:
     """One runtime control step per call; per-stage milliseconds from ``PolicyRuntime.last_timings``."""
 
-    def __init__(self, model_dir: Path, threads: int | None, providers=None, seed: int = 0, precision: str | None = None):
+    def __init__(self, model_dir: Path, settings, providers=None, seed: int = 0, precision: str | None = None):
         from vqbet_core.runtime.policy import PolicyRuntime
 
-        self.rt = PolicyRuntime(model_dir, providers=providers, seed=seed, threads=threads, precision=precision)
+        self.rt = PolicyRuntime(model_dir, providers=providers, seed=seed, precision=precision, settings=settings)
         if self.rt.spec.goal_dim:
             spec = self.rt.spec
             self.rt.reset(goal=spec.goal_names[0] if spec.goal_names else spec.normalizer.stats["goal"]["mean"])
@@ -126,48 +129,95 @@ class TorchStepper:
                 "sample_decode": 1e3 * (t5 - t4), "total": 1e3 * (t5 - t0)}
 
 
-def bench_pair(runtime: RuntimeStepper, torch_side: TorchStepper | None, obs: list, warmup: int,
-               block: int = 20) -> tuple[dict, dict | None]:
-    """Runtime and torch in alternating blocks of ``block`` steps (same observations), so load changes on a
-    shared machine hit both alike while neither side's spinning worker threads slow the other's every step."""
-    rt_samples: dict[str, list[float]] = {}
-    th_samples: dict[str, list[float]] = {}
+def bench_sides(sides: dict, obs: list, warmup: int, block: int = 20) -> dict[str, dict]:
+    """Every side (runtime variants, torch) in alternating blocks of ``block`` steps on the same observations,
+    so load changes on a shared machine hit all alike while no side's spinning worker threads slow another's
+    every step. Returns per side the p50 / p99 / max / min of each stage."""
+    samples: dict[str, dict[str, list[float]]] = {name: {} for name in sides}
     for start in range(0, len(obs), block):
-        for side, samples in ((runtime, rt_samples), (torch_side, th_samples)):
-            if side is None:
-                continue
+        for name, side in sides.items():
             for i in range(start, min(start + block, len(obs))):
                 r = side(*obs[i])
                 if i >= warmup:
                     for k, v in r.items():
-                        samples.setdefault(k, []).append(v)
-    if not runtime.rt.spec.image_keys:
-        rt_samples.pop("encoder", None)
-        th_samples.pop("encoder", None)
-    return _percentiles(rt_samples), (_percentiles(th_samples) if torch_side is not None else None)
+                        samples[name].setdefault(k, []).append(v)
+    out = {}
+    for name, per_stage in samples.items():
+        if per_stage.get("encoder") is not None and not any(per_stage["encoder"]):
+            per_stage.pop("encoder")  # a state model: no encoder stage
+        out[name] = _percentiles(per_stage)
+    return out
 
 
-def _int8_side(model_dir: Path, tmp: Path, label: str, args, obs: list, fp32: dict) -> dict:
-    """Quantize a copy of ``model_dir`` (decision check reported, not enforced) and time it on the same steps."""
+def parse_variant(text: str, threads: int | None):
+    """``spin=1,io_binding=1,threads=1`` -> ``SessionSettings`` (unnamed fields: the runtime's defaults)."""
+    from vqbet_core.runtime.session import SessionSettings
+
+    fields = {"threads": threads}
+    for item in filter(None, text.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep or key not in ("spin", "io_binding", "threads", "warmup"):
+            raise VqbetError(f"session settings {text!r}: expected KEY=VALUE items with KEY in spin, io_binding, threads, warmup")
+        try:
+            fields[key] = bool(int(value)) if key in ("spin", "io_binding") else int(value)
+        except ValueError:
+            raise VqbetError(f"session settings {text!r}: {key} needs an integer (0/1 for spin, io_binding)") from None
+    return SessionSettings(**fields)
+
+
+def jitter(res: dict) -> float | None:
+    """p99 / p50 of the whole step: what makes an arm stutter, as a ratio (1.0 = no jitter)."""
+    t = res.get("step") or res.get("total")
+    return round(t["p99"] / t["p50"], 3) if t and t["p50"] else None
+
+
+def _int8_stepper(model_dir: Path, tmp: Path, label: str, args, settings) -> tuple["RuntimeStepper", dict]:
+    """A quantized copy of ``model_dir`` (decision check reported, not enforced) and its stepper."""
     import shutil
 
+    from vqbet_core.data.store import ZarrDataset
     from vqbet_core.export.quantize import quantize_encoder
 
     copy = tmp / f"int8_{label}"
     if copy.exists():
         shutil.rmtree(copy)
     shutil.copytree(model_dir, copy)
-    from vqbet_core.data.store import ZarrDataset
-
     n = ZarrDataset.open(args.int8_data, "r").n_steps
     frames = min(100, max(8, n // 2))
-    report = quantize_encoder(copy, args.int8_data, frames=frames, holdout=min(50, n - frames), min_agreement=0.0,
-                              min_cosine=0.0)
-    stepper = RuntimeStepper(copy, args.threads, args.providers, precision="int8")
-    res, _ = bench_pair(stepper, None, obs, args.warmup)
-    return {"runtime_int8_ms": res, "int8_parity": report["parity"],
-            "int8_encoder_speedup": round(fp32["encoder"]["p50"] / res["encoder"]["p50"], 3) if res["encoder"]["p50"] else None,
-            "int8_step_speedup": round(fp32["total"]["p50"] / res["total"]["p50"], 3) if res["total"]["p50"] else None}
+    report = quantize_encoder(copy, args.int8_data, frames=frames, holdout=min(200, n - frames), min_agreement=0.0,
+                              min_cosine=0.0, method=args.int8_method, keep_ends_fp32=args.int8_keep_ends)
+    return RuntimeStepper(copy, settings, args.providers, precision="int8"), report
+
+
+def _ratio(a: dict, b: dict, stage: str) -> float | None:
+    return round(a[stage]["p50"] / b[stage]["p50"], 3) if stage in a and stage in b and b[stage]["p50"] else None
+
+
+def plot(result: dict, path: str) -> None:
+    """Step latency per configuration (p50 bar, p99 tick): the README's speed picture."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = []
+    for label, entry in result["results"].items():
+        for key, name in (("runtime_ms", "onnxruntime fp32"), ("runtime_int8_ms", "onnxruntime int8"),
+                          ("torch_eager_ms", "torch eager")):
+            if key in entry:
+                rows.append((f"{label} {name}", entry[key]["step" if "step" in entry[key] else "total"]))
+    fig, ax = plt.subplots(figsize=(6.4, 0.45 * len(rows) + 1.0))
+    y = np.arange(len(rows))[::-1]
+    ax.barh(y, [r[1]["p50"] for r in rows], color="#4c72b0", label="p50")
+    ax.scatter([r[1]["p99"] for r in rows], y, marker="|", s=200, color="#c44e52", label="p99", zorder=3)
+    ax.set_yticks(y, [r[0] for r in rows])
+    ax.set_xlabel("policy step (ms), batch 1")
+    ax.set_title(f"{result['threads']} thread(s), {result['steps']} steps, {result.get('processor') or result['machine']}", fontsize=9)
+    ax.set_xlim(0, 1.15 * max(r[1]["p99"] for r in rows))
+    ax.legend(loc="upper right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -186,6 +236,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-torch", action="store_true", help="measure the runtime only")
     p.add_argument("--int8-data", default=None, metavar="D.zarr",
                    help="also measure an int8 encoder (vqbet quantize, calibrated on this dataset's frames) side by side")
+    p.add_argument("--int8-method", choices=["minmax", "percentile", "entropy"], default="minmax",
+                   help="with --int8-data: activation calibration (vqbet quantize --method)")
+    p.add_argument("--int8-keep-ends", action="store_true", help="with --int8-data: first and last convolution in fp32")
+    p.add_argument("--session", default="", metavar="K=V,...",
+                   help="session settings of the measured runtime (default: the runtime's defaults), e.g. spin=1")
+    p.add_argument("--session-variants", nargs="+", default=[], metavar="K=V,...",
+                   help="also time the runtime with other session settings, e.g. spin=1 io_binding=1 threads=1 "
+                        "(keys: spin, io_binding, threads, warmup; the rest as the runtime's defaults)")
+    p.add_argument("--plot", default=None, metavar="PNG", help="draw step p50 / p99 per configuration into this file")
     args = p.parse_args(argv)
 
     from vqbet_core.runtime.spec import load_spec
@@ -195,11 +254,15 @@ def main(argv: list[str] | None = None) -> int:
     have_ckpt = not args.no_torch and (run_dir / "checkpoint" / "meta.yaml").exists()
     if args.checkpoint and not have_ckpt and not args.no_torch:
         raise VqbetError(f"--checkpoint {args.checkpoint}: not a run folder with a checkpoint")
+    default = parse_variant(args.session, args.threads)
+    variants = {v: parse_variant(v, args.threads) for v in args.session_variants}
     import onnxruntime as ort
 
     result = {"bench": "policy", "model": str(args.model), "kind": spec.kind, "threads": args.threads, "steps": args.steps,
               "onnxruntime": ort.__version__, "machine": platform.machine(), "processor": platform.processor() or None,
-              "obs_window": spec.obs_window, "action_chunk": spec.action_chunk, "results": {}, "speedup": {}}
+              "obs_window": spec.obs_window, "action_chunk": spec.action_chunk,
+              "session": {k: getattr(default, k) for k in ("threads", "spin", "io_binding", "warmup")},
+              "results": {}, "speedup": {}}
     n = args.steps + args.warmup
     if spec.image_keys:
         own = spec.preprocess[spec.image_keys[0]].size
@@ -219,30 +282,52 @@ def main(argv: list[str] | None = None) -> int:
                 export_model(run_dir, model_dir, parity_steps=2, image_size=size)
             sub = load_spec(model_dir, verify_hashes=False)
             obs = _observations(sub, n, tuple(args.raw_size) if args.raw_size else None)
-            runtime = RuntimeStepper(model_dir, args.threads, args.providers)
-            providers = runtime.rt.providers
-            torch_side, device = None, None
+            runtime = RuntimeStepper(model_dir, default, args.providers)
+            sides: dict = {"runtime": runtime}
+            int8_report = None
+            if args.int8_data and sub.image_keys:
+                sides["runtime_int8"], int8_report = _int8_stepper(model_dir, Path(tmp), label, args, default)
+            for name, settings in variants.items():
+                sides[f"variant:{name}"] = RuntimeStepper(model_dir, settings, args.providers)
+            device = None
             if have_ckpt:
                 device = args.torch_device
                 if device == "auto":
-                    device = "cuda" if "CUDAExecutionProvider" in providers else "cpu"
-                torch_side = TorchStepper(run_dir, sub, args.threads, device)
-            rt_res, th_res = bench_pair(runtime, torch_side, obs, args.warmup)
+                    device = "cuda" if "CUDAExecutionProvider" in runtime.rt.providers else "cpu"
+                sides["torch"] = TorchStepper(run_dir, sub, args.threads, device)
+            res = bench_sides(sides, obs, args.warmup)
+            rt_res = res["runtime"]
             entry = {"image_size": None if size is None else [size, size],
                      "raw_frame": None if not sub.image_keys else list(args.raw_size or sub.preprocess[sub.image_keys[0]].size),
-                     "providers": providers, "precision": runtime.rt.precision, "runtime_ms": rt_res}
-            if args.int8_data and sub.image_keys:
-                entry.update(_int8_side(model_dir, Path(tmp), label, args, obs, rt_res))
+                     "providers": runtime.rt.graph_providers, "precision": runtime.rt.precision,
+                     "io_binding": runtime.rt.policy_graph.bound, "runtime_ms": rt_res, "jitter_p99_over_p50": jitter(rt_res)}
+            if int8_report is not None:
+                i8 = res["runtime_int8"]
+                entry.update({"runtime_int8_ms": i8, "int8_parity": int8_report["parity"],
+                              "int8_providers": sides["runtime_int8"].rt.graph_providers,
+                              "int8_encoder_speedup": _ratio(rt_res, i8, "encoder"),
+                              "int8_step_speedup": _ratio(rt_res, i8, "step"),
+                              "int8_jitter_p99_over_p50": jitter(i8)})
+            if variants:
+                entry["variants"] = {name: {"step": res[f"variant:{name}"]["step"], "encoder": res[f"variant:{name}"].get("encoder"),
+                                            "policy": res[f"variant:{name}"]["policy"],
+                                            "jitter_p99_over_p50": jitter(res[f"variant:{name}"])} for name in variants}
             total = rt_res["total"]["p50"]
             entry["outside_graphs_fraction"] = round(rt_res["outside_graphs"]["p50"] / total, 4) if total else None
-            if th_res is not None:
+            if "torch" in res:
+                th_res = res["torch"]
                 entry["torch_device"] = device
                 entry["torch_eager_ms"] = th_res
                 entry["speedup"] = round(th_res["total"]["p50"] / total, 3) if total else None
                 result["speedup"][label] = entry["speedup"]
+                if int8_report is not None:
+                    entry["int8_speedup_vs_torch"] = _ratio(th_res, res["runtime_int8"], "total")
             result["results"][label] = entry
     if not have_ckpt:
         result["torch"] = "not measured (no checkpoint: pass --checkpoint RUN)" if not args.no_torch else "not measured (--no-torch)"
+    if args.plot:
+        plot(result, args.plot)
+        result["plot"] = args.plot
     print(json.dumps(result))
     return 0
 

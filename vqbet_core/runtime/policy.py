@@ -16,47 +16,15 @@ from pathlib import Path
 
 import numpy as np
 
-from vqbet_core.errors import ModelFolderError, VqbetError
+from vqbet_core.errors import VqbetError
 from vqbet_core.history import ObservationHistory
 from vqbet_core.runtime.chunks import ActionChunk, blend_chunks, drop_past
 from vqbet_core.runtime.sampling import choose_codes, decode_codes
+from vqbet_core.runtime.session import GraphRunner, SessionSettings, resolve_providers
 from vqbet_core.runtime.spec import ModelSpec, check_encoder_graph, check_policy_graph, load_spec
 from vqbet_core.vision.fusion import fuse_observation
 
 log = logging.getLogger("vqbet.runtime")
-
-PREFERRED_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
-
-
-def resolve_providers(providers: list[str] | None = None) -> list[str]:
-    """``None``: TensorRT > CUDA > CPU, those this onnxruntime build has. Otherwise checked as given."""
-    import onnxruntime as ort
-
-    available = ort.get_available_providers()
-    if providers is None:
-        return [p for p in PREFERRED_PROVIDERS if p in available] or ["CPUExecutionProvider"]
-    providers = [providers] if isinstance(providers, str) else list(providers)
-    missing = [p for p in providers if p not in available]
-    if missing or not providers:
-        raise VqbetError(f"onnxruntime providers {missing or providers} are not available (this build has: {', '.join(available)})")
-    return providers
-
-
-def open_session(path: Path, providers: list[str], threads: int | None = None):
-    """An ``InferenceSession``; a corrupt or unreadable file becomes one ``ModelFolderError`` line."""
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3  # provider fall-back chatter only at error level
-    if threads:
-        opts.intra_op_num_threads = int(threads)
-        opts.inter_op_num_threads = 1
-    try:
-        return ort.InferenceSession(str(path), opts, providers=providers)
-    except Exception as exc:  # onnxruntime raises its own exception types (InvalidProtobuf, Fail, ...)
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        raise ModelFolderError(f"{path}: not a loadable ONNX model ({type(exc).__name__}: {first[:200]})") from None
-
 
 def encoder_precision(spec: ModelSpec, precision: str | None) -> str:
     """``precision`` (fp32 | int8), or the model's choice (``encoder_precision`` in model.yaml, else fp32)."""
@@ -77,24 +45,46 @@ class PolicyRuntime:
 
     ``providers``: None = TensorRT > CUDA > CPU as available. ``seed``: the sampling generator's seed.
     ``temperature``: None = the model's default (0 = argmax). ``threads``: onnxruntime intra-op threads
-    (None = onnxruntime's default).
+    (None = onnxruntime's default). ``settings``: how the graphs run (spinning, warm-up, IO binding, TensorRT
+    fp16 and engine cache; ``vqbet_core.runtime.session``), threads included.
     """
 
     def __init__(self, model_dir: str | Path, providers: list[str] | None = None, seed: int = 0,
-                 temperature: float | None = None, threads: int | None = None, precision: str | None = None):
+                 temperature: float | None = None, threads: int | None = None, precision: str | None = None,
+                 settings: SessionSettings | None = None):
         self.spec: ModelSpec = load_spec(model_dir)
+        spec = self.spec
         wanted = resolve_providers(providers)
-        self.policy_session = open_session(self.spec.policy_file, wanted, threads)
-        self._outputs = check_policy_graph(self.spec, self.policy_session)
+        if settings is None:
+            settings = SessionSettings(threads=threads)
+        elif threads is not None:
+            raise VqbetError("PolicyRuntime: pass threads inside settings, not both")
+        self.settings = settings
+        self.policy_graph = GraphRunner(spec.policy_file, wanted, [], settings)
+        self.policy_session = self.policy_graph.session
+        self._outputs = check_policy_graph(spec, self.policy_session)
+        self.policy_graph.outputs = list(self._outputs)
+        example = {"obs": np.zeros((1, spec.obs_window, spec.obs_dim), np.float32)}
+        if spec.goal_dim:
+            example["goal"] = np.zeros((1, spec.goal_dim), np.float32)
+        self.policy_graph.prepare(example)
+        self.encoder_graph = None
         self.encoder_session = None
         self.precision = "fp32"
-        if self.spec.image_keys:
-            self.precision = encoder_precision(self.spec, precision)
-            path = self.spec.encoder_file if self.precision == "fp32" else self.spec.encoder_int8_file
-            self.encoder_session = open_session(path, wanted, threads)
-            check_encoder_graph(self.spec, self.encoder_session)
+        if spec.image_keys:
+            self.precision = encoder_precision(spec, precision)
+            path = spec.encoder_file if self.precision == "fp32" else spec.encoder_int8_file
+            self.encoder_graph = GraphRunner(path, wanted, [], settings)
+            self.encoder_session = self.encoder_graph.session
+            check_encoder_graph(spec, self.encoder_session)
             self._encoder_in = self.encoder_session.get_inputs()[0].name
-            self._encoder_out = self.encoder_session.get_outputs()[0].name
+            self.encoder_graph.outputs = [self.encoder_session.get_outputs()[0].name]
+            w, h = spec.preprocess[spec.image_keys[0]].size
+            self.encoder_graph.prepare({self._encoder_in: np.zeros((len(spec.image_keys), 3, h, w), np.float32)})
+        # what onnxruntime registered per graph (a GPU provider that failed to load is absent here)
+        self.graph_providers = {"policy": self.policy_graph.providers}
+        if self.encoder_graph is not None:
+            self.graph_providers["encoder"] = self.encoder_graph.providers
         self.providers = list(self.policy_session.get_providers())
         self.normalizer = self.spec.normalizer
         self.temperature = self.spec.temperature if temperature is None else float(temperature)
@@ -108,8 +98,9 @@ class PolicyRuntime:
         self.last_timings: dict[str, float] = {}
         self._observe_timings: dict[str, float] = {}
         self.completion: float | None = None  # the last predict()'s completion score (models with the head)
-        log.info("vqbet runtime: model %s (%s, %s) on onnxruntime providers %s", self.spec.path, self.spec.kind,
-                 "images " + ",".join(self.spec.image_keys) if self.spec.image_keys else "state only", self.providers)
+        log.info("vqbet runtime: model %s (%s, %s) on onnxruntime providers %s (IO binding %s)", self.spec.path,
+                 self.spec.kind, "images " + ",".join(self.spec.image_keys) if self.spec.image_keys else "state only",
+                 self.graph_providers, "on" if self.policy_graph.bound else "off")
 
     # ------------------------------------------------------------------ episode and goal
     def reset(self, goal=None) -> None:
@@ -179,9 +170,13 @@ class PolicyRuntime:
         x = np.stack(batch)
         t_pre = _ms(t0)
         t1 = time.perf_counter()
-        feats = self.encoder_session.run([self._encoder_out], {self._encoder_in: x})[0]
+        feats = self.encoder_graph.run({self._encoder_in: x})[0]
         t_enc = _ms(t1)
         return {k: self.normalizer.normalize(k, feats[i : i + 1]) for i, k in enumerate(spec.image_keys)}, t_pre, t_enc
+
+    def encoder_features(self, x: np.ndarray) -> np.ndarray:
+        """Raw encoder features of preprocessed model inputs ``(N, 3, H, W)`` (no normalization)."""
+        return self.encoder_graph.run({self._encoder_in: np.ascontiguousarray(x, dtype=np.float32)})[0]
 
     def observe(self, lowdim: dict, images: dict | None = None, stamp: float = 0.0) -> None:
         """Push one observation step (raw units; camera frames raw RGB uint8). ``stamp``: its time in seconds."""
@@ -209,7 +204,7 @@ class PolicyRuntime:
                 names = ", ".join(self.spec.goal_names)
                 raise VqbetError(f"this model is goal-conditioned: set a goal first (reset(goal=...) or set_goal(); names: {names or 'vectors only'})")
             feed["goal"] = self.goal
-        return dict(zip(self._outputs, self.policy_session.run(self._outputs, feed)))
+        return dict(zip(self._outputs, self.policy_graph.run(feed)))
 
     def choose_codes(self, heads: dict[str, np.ndarray]) -> np.ndarray:
         return choose_codes(heads["logits"][0], heads["secondary_given_primary"][0] if "secondary_given_primary" in heads else None,

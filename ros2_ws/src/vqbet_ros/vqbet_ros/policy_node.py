@@ -66,6 +66,7 @@ from vqbet_core.errors import VqbetError
 from vqbet_core.recording.clock import OffsetMeter, behind_note, input_age
 from vqbet_core.runtime import PolicyRuntime
 from vqbet_core.runtime.sequencer import TaskSequencer
+from vqbet_core.runtime.session import SessionSettings
 from vqbet_ros import ros_convert
 from vqbet_ros.cpu_affinity import parse_cpus, pin_process
 from vqbet_ros.diagnostics import Diagnostics
@@ -136,8 +137,10 @@ class PolicyNode(ManagedNode):
         self.calibration = load_calibration(p["calibration"])
         providers = [v for v in p["providers"] if v] or None
         temperature = None if p["temperature"] < 0 else float(p["temperature"])
+        settings = SessionSettings(threads=int(p["threads"]) or None, spin=bool(p["onnx_spin"]),
+                                   fp16=bool(p["trt_fp16"]), cache_dir=p["engine_cache_dir"] or None)
         self.runtime = PolicyRuntime(p["model"], providers=providers, seed=int(p["seed"]), temperature=temperature,
-                                     threads=int(p["threads"]) or None)
+                                     settings=settings)
         spec = self.spec = self.runtime.spec
         # "model": the blending the model was evaluated with (model.yaml sampling.blend)
         self.blend = spec.blend if p["blend"] == "model" else p["blend"]
@@ -324,6 +327,11 @@ class PolicyNode(ManagedNode):
             "temperature": declare("temperature", -1.0, "sampling temperature; < 0 = the model's, 0 = argmax"),
             "providers": declare("providers", [""], "onnxruntime providers; empty = TensorRT > CUDA > CPU", True),
             "threads": declare("threads", 0, "onnxruntime intra-op threads; 0 = onnxruntime's default"),
+            "onnx_spin": declare("onnx_spin", SessionSettings.spin, "idle onnxruntime workers busy-wait for the next "
+                                 "operator (lower latency on free cores; steals CPU from drivers beside it)"),
+            "trt_fp16": declare("trt_fp16", True, "TensorRT provider: build fp16 engines"),
+            "engine_cache_dir": declare("engine_cache_dir", "", "TensorRT engine / timing cache folder; empty = "
+                                        "$VQBET_CACHE/tensorrt, else ~/.cache/vqbet/tensorrt"),
             "diagnostics_period": declare("diagnostics_period", 1.0, "seconds between /diagnostics messages"),
             "publish_timing": declare("publish_timing", False, "publish ~/step_timing (benchmarks)"),
             "frame_id": declare("frame_id", "", "header.frame_id of the trajectories"),
