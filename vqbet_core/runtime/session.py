@@ -18,7 +18,6 @@ here, chosen by measurement (``vqbet bench policy --session-variants``, docs/exp
 
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from vqbet_core.errors import ModelFolderError, VqbetError
+from vqbet_core.runtime.spec import sha256_file
 
 PREFERRED_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
@@ -77,11 +77,7 @@ def engine_cache_dir(graph: Path, settings: SessionSettings) -> Path:
     """Where TensorRT keeps the engines of ``graph``: one folder per graph content (a new export, a new engine)."""
     root = settings.cache_dir or os.environ.get("VQBET_CACHE") and str(Path(os.environ["VQBET_CACHE"]) / "tensorrt")
     root = Path(root) if root else Path.home() / ".cache" / "vqbet" / "tensorrt"
-    h = hashlib.sha256()
-    with open(graph, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return root / f"{graph.stem}-{h.hexdigest()[:16]}{'-fp16' if settings.fp16 else ''}"
+    return root / f"{graph.stem}-{sha256_file(graph)[:16]}{'-fp16' if settings.fp16 else ''}"
 
 
 def provider_options(providers: list[str], graph: Path, settings: SessionSettings) -> list[dict]:
