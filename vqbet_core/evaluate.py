@@ -193,6 +193,7 @@ class RolloutSpec:
     temperature: float | None = None
     blend: bool | None = None
     threads: int | None = None  # intra-op threads of torch / onnxruntime in each worker (None: their default)
+    precision: str | None = None  # exported model's image encoder: fp32 | int8 (None: what model.yaml names)
     sequence: SequenceSpec | None = None  # operator-ordered subtasks (vqbet eval --task-sequence)
 
 
@@ -247,7 +248,8 @@ def make_agent(spec: RolloutSpec, seed: int = 0):
         return TorchAgent(spec.checkpoint, device=spec.device, temperature=spec.temperature, seed=seed, blend=spec.blend)
     from vqbet_core.runtime.agent import RuntimeAgent
 
-    return RuntimeAgent(spec.model, temperature=spec.temperature, seed=seed, blend=spec.blend, threads=spec.threads)
+    return RuntimeAgent(spec.model, temperature=spec.temperature, seed=seed, blend=spec.blend, threads=spec.threads,
+                        precision=spec.precision)
 
 
 _WORKER: dict = {}

@@ -240,6 +240,11 @@ def test_cli_export_and_eval_with_model(models, work, capsys):
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == metrics
     assert vqbet(["eval", "--model", str(out), "--env", "multipath", "--workers", "0"]) == 2
     assert "--workers 0" in capsys.readouterr().err
+    assert metrics["encoder_precision"] is None  # a state model has no encoder
+    # --precision: only for exported image models, and only a precision the folder has
+    assert vqbet(["eval", "--checkpoint", str(run), "--env", "multipath", "--precision", "int8"]) == 2
+    err = capsys.readouterr().err
+    assert "only for an exported model" in err and err.count("\n") == 1
 
 
 def test_parallel_rollout_equals_one_process(models):

@@ -44,6 +44,9 @@ def test_int8_encoder_is_written_checked_and_used(image_model, capsys):
     ops = {n.op_type for n in onnx.load(str(model / "encoder_int8.onnx")).graph.node}
     assert "QuantizeLinear" in ops and "DequantizeLinear" in ops
     assert PolicyRuntime(model, precision="fp32").precision == "fp32"
+    from vqbet_core.runtime.agent import RuntimeAgent
+
+    assert RuntimeAgent(model, precision="fp32").runtime.precision == "fp32"  # what vqbet eval --precision uses
     rt.reset(rt.spec.goal_names[0])
     rt.observe({"state": np.zeros(2, np.float32)}, {"camera_front": np.zeros((32, 32, 3), np.uint8)})
     assert np.isfinite(rt.predict().actions).all()

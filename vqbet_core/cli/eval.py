@@ -16,6 +16,8 @@ def add_arguments(p) -> None:
     p.add_argument("--seed", type=int, default=1000, help="env seed of the first episode (then +1 per episode)")
     p.add_argument("--max-steps", type=int, default=None)
     p.add_argument("--temperature", type=float, default=None, help="sampling temperature (default: the model's)")
+    p.add_argument("--precision", choices=["fp32", "int8"], default=None,
+                   help="with --model: the image encoder to run (default: model.yaml's encoder_precision)")
     p.add_argument("--env-arg", action="append", default=[], metavar="KEY=VALUE",
                    help="env constructor argument (default: the ones the training demos were made with)")
     p.add_argument("--plot", help="save a plot (trajectories for multipath, mode frequencies otherwise) to this PNG")
@@ -71,6 +73,8 @@ def run(args) -> int:
         raise VqbetError(f"--workers {args.workers}: expected a positive number of processes")
     if args.episodes < 1:
         raise VqbetError(f"--episodes {args.episodes}: expected a positive number of episodes")
+    if args.precision and not args.model:
+        raise VqbetError(f"--precision {args.precision}: only for an exported model (--model DIR); a checkpoint runs in torch")
     workers = min(args.workers, args.episodes)
     sequence = None
     if args.task_sequence is not None:
@@ -89,7 +93,8 @@ def run(args) -> int:
                                 args.completion_refractory)
     spec = RolloutSpec(env=args.env, env_args={}, checkpoint=args.checkpoint, model=args.model, device=args.device,
                        temperature=args.temperature, blend=None if args.blend is None else args.blend == "average",
-                       threads=None if workers == 1 else max(1, (os.cpu_count() or 1) // workers), sequence=sequence)
+                       threads=None if workers == 1 else max(1, (os.cpu_count() or 1) // workers), sequence=sequence,
+                       precision=args.precision)
     attrs = recorded_dataset_attrs(spec)
     if sequence is not None:
         _check_sequence_model(spec, sequence, attrs)
@@ -129,7 +134,14 @@ def run(args) -> int:
         contact_sheet(frames[0], args.contact_sheet)
     if env is not None:
         env.close()
-    print(json.dumps({"env": args.env, "source": str(Path(args.checkpoint or args.model)), "env_args": env_args, **metrics}))
+    extra = {}
+    if args.model:
+        from vqbet_core.runtime.policy import encoder_precision
+        from vqbet_core.runtime.spec import load_spec
+
+        model = load_spec(args.model, verify_hashes=False)
+        extra["encoder_precision"] = encoder_precision(model, args.precision) if model.image_keys else None
+    print(json.dumps({"env": args.env, "source": str(Path(args.checkpoint or args.model)), "env_args": env_args, **extra, **metrics}))
     return 0
 
 

@@ -17,8 +17,9 @@ from vqbet_core.runtime.policy import PolicyRuntime
 
 class RuntimeAgent:
     def __init__(self, model_dir: str | Path, temperature: float | None = None, seed: int = 0, blend: bool | None = None,
-                 providers: list[str] | None = None, threads: int | None = None):
-        self.runtime = PolicyRuntime(model_dir, providers=providers, seed=seed, temperature=temperature, threads=threads)
+                 providers: list[str] | None = None, threads: int | None = None, precision: str | None = None):
+        self.runtime = PolicyRuntime(model_dir, providers=providers, seed=seed, temperature=temperature, threads=threads,
+                                     precision=precision)
         self.model = self.runtime.spec  # .meta = the model.yaml dict
         self.blend = self.model.blend != "none" if blend is None else blend
         self.needs_goal = self.model.goal_dim > 0

@@ -98,6 +98,8 @@ class PolicyNode(ManagedNode):
             raise VqbetError("parameter model is empty: give an exported model folder (written by vqbet export)")
         if not p["calibration"]:
             raise VqbetError("parameter calibration is empty: give the robot's calibration YAML (joint order and limits)")
+        if p["encoder_precision"] not in ("", "fp32", "int8"):
+            raise VqbetError(f"parameter encoder_precision must be one of ['', 'fp32', 'int8'], got {p['encoder_precision']!r}")
         for name, choices in (("trigger", ("timer", "camera")), ("blend", ("model", "average", "exp", "none")),
                               ("stamp_source", ("header", "receive")), ("executor", ("events", "single"))):
             if p[name] not in choices:
@@ -140,7 +142,7 @@ class PolicyNode(ManagedNode):
         settings = SessionSettings(threads=int(p["threads"]) or None, spin=bool(p["onnx_spin"]),
                                    fp16=bool(p["trt_fp16"]), cache_dir=p["engine_cache_dir"] or None)
         self.runtime = PolicyRuntime(p["model"], providers=providers, seed=int(p["seed"]), temperature=temperature,
-                                     settings=settings)
+                                     settings=settings, precision=p["encoder_precision"] or None)
         spec = self.spec = self.runtime.spec
         # "model": the blending the model was evaluated with (model.yaml sampling.blend)
         self.blend = spec.blend if p["blend"] == "model" else p["blend"]
@@ -330,6 +332,8 @@ class PolicyNode(ManagedNode):
             "onnx_spin": declare("onnx_spin", SessionSettings.spin, "idle onnxruntime workers busy-wait for the next "
                                  "operator (lower latency on free cores; steals CPU from drivers beside it)"),
             "trt_fp16": declare("trt_fp16", True, "TensorRT provider: build fp16 engines"),
+            "encoder_precision": declare("encoder_precision", "", "image encoder: fp32 | int8 (made by vqbet "
+                                         "quantize); empty = what model.yaml names"),
             "engine_cache_dir": declare("engine_cache_dir", "", "TensorRT engine / timing cache folder; empty = "
                                         "$VQBET_CACHE/tensorrt, else ~/.cache/vqbet/tensorrt"),
             "diagnostics_period": declare("diagnostics_period", 1.0, "seconds between /diagnostics messages"),
