@@ -61,6 +61,7 @@ def run_sequence_episode(env: SimEnv, agent, seed: int, limit: int, seq: Sequenc
     done_at: dict[str, int] = {}  # subtask -> step after which the env reported it complete
     advances: list[tuple[str, int]] = []  # (subtask left, step)
     as_goal: list[str] = []
+    t = -1
     for t in range(limit):
         if want_frames:
             frames.append(env.render())
@@ -91,7 +92,7 @@ def run_sequence_episode(env: SimEnv, agent, seed: int, limit: int, seq: Sequenc
             break
         in_order += 1
     result.info.update(requested=requested, in_order=in_order, advance=seq.advance, done_at=done_at,
-                       advances=advances, completed_as_goal=as_goal)
+                       advances=advances, completed_as_goal=as_goal, last_step=t)
     return result, np.stack(traj), frames
 
 
@@ -99,7 +100,12 @@ def summarize_sequences(results: list[EpisodeResult], demo_modes: list[str] | No
     """Subtasks done in the requested order (mean), split by orders seen / unseen in the demos, and the
     completion signal against the ground truth: precision (an advance on a subtask the env had completed
     by then), recall (completed current subtasks the model advanced on) and delay (steps, advance minus
-    completion; negative = early)."""
+    completion; negative = early).
+
+    Recall counts only completions the episode went on past: the kitchen ends the episode on the step its
+    last subtask completes, so no completion score is ever read after that one, and counting it as missed
+    made the head look as if it missed one completion in five (it was the last subtask of each finished
+    episode). Those are counted apart (``completions_at_episode_end``)."""
     seen_orders = {m for m in (demo_modes or []) if m}
     out: dict = {"in_order_mean": float(np.mean([r.info["in_order"] for r in results])) if results else 0.0,
                  "sequence_length": max((len(r.info["requested"]) for r in results), default=0)}
@@ -109,7 +115,7 @@ def summarize_sequences(results: list[EpisodeResult], demo_modes: list[str] | No
         out[f"episodes_{label}"] = len(chosen)
     model_runs = [r for r in results if r.info.get("advance") == "model"]
     if model_runs:
-        n_adv = hits = caught = as_goal = 0
+        n_adv = hits = caught = as_goal = at_end = 0
         delays = []
         for r in model_runs:
             done_at, advanced = r.info["done_at"], {task for task, _ in r.info["advances"]}
@@ -118,12 +124,18 @@ def summarize_sequences(results: list[EpisodeResult], demo_modes: list[str] | No
                 hits += task in done_at and done_at[task] <= step
                 if task in done_at:
                     delays.append(step - done_at[task])
-            as_goal += len(r.info["completed_as_goal"])
-            caught += sum(task in advanced for task in r.info["completed_as_goal"])
+            last = r.info.get("last_step")
+            for task in r.info["completed_as_goal"]:
+                if task not in advanced and last is not None and done_at.get(task) == last:
+                    at_end += 1  # completed on the episode's last step: no score was read after it
+                    continue
+                as_goal += 1
+                caught += task in advanced
         out["completion_precision"] = hits / n_adv if n_adv else None
         out["completion_recall"] = caught / as_goal if as_goal else None
         out["completion_delay_mean_steps"] = float(np.mean(delays)) if delays else None
         out["advances"] = n_adv
+        out["completions_at_episode_end"] = at_end
     return out
 
 
