@@ -34,8 +34,11 @@ DEFAULTS: dict = {
     # subtask completion head (DESIGN.md section 9): horizon > 0 trains "the current subtask ends within
     # `horizon` steps" from data/task_index (needs data.goal_key: task_index); after > 0 also shows the head
     # the first `after` steps past each subtask's end with that subtask as the goal, labelled done
-    # (vqbet_core.data.tasks.finished_subtask); `after_fraction` of a batch's size is added as such windows
-    "completion": {"horizon": 0, "weight": 1.0, "hidden": 128, "after": 0, "after_fraction": 0.25},
+    # (vqbet_core.data.tasks.finished_subtask); `after_fraction` of a batch's size is added as such windows.
+    # unmoved > 0: that fraction of a batch's size is added as windows around a subtask's end with its own
+    # object dims (.zattrs task_state_dims) put back where the subtask started, labelled not done
+    # (TrainingData.unmoved_batch)
+    "completion": {"horizon": 0, "weight": 1.0, "hidden": 128, "after": 0, "after_fraction": 0.25, "unmoved": 0.0},
     "train": {
         "seed": 0,
         "device": "auto",
@@ -106,6 +109,12 @@ def validate_config(cfg: dict, where: str = "config") -> None:
         raise ConfigError(f"{where}: completion.after must be an integer >= 0 (steps past a subtask's end), got {after!r}")
     if after and not horizon:
         raise ConfigError(f"{where}: completion.after > 0 needs the completion head: set completion.horizon >= 1")
+    unmoved = cfg["completion"].get("unmoved", 0.0)
+    if isinstance(unmoved, bool) or not isinstance(unmoved, (int, float)) or not 0 <= unmoved <= 1:
+        raise ConfigError(f"{where}: completion.unmoved must be a number in [0, 1] (a fraction of the batch size), "
+                          f"got {unmoved!r}")
+    if unmoved and not horizon:
+        raise ConfigError(f"{where}: completion.unmoved > 0 needs the completion head: set completion.horizon >= 1")
     fraction = cfg["completion"].get("after_fraction", 0.25)
     if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
         raise ConfigError(f"{where}: completion.after_fraction must be a number in (0, 1], got {fraction!r}")

@@ -132,3 +132,73 @@ def test_finished_windows_show_the_done_subtask_as_goal(goal_run):
         assert int(g[0].argmax()) == task[last[-1]] != td.task_index[last[-1]]  # the finished one, not the current
         assert torch.equal(torch.isnan(d[0]), torch.as_tensor(last <= end_at[last[-1]]))  # its own steps: unscored
         assert (d[0][~torch.isnan(d[0])] == 1).all()
+
+
+def test_task_state_dims_are_where_the_env_judges_each_completion(goal_run):
+    """sim-demos keeps, per subtask, the state dims its completion is judged on: not done where the subtask
+    starts, done on the first step past its end (the official threshold on exactly those dims)."""
+    from vqbet_core.sim.kitchen import BONUS_THRESH, OBS_ELEMENT_GOALS
+
+    ds = ZarrDataset.open(goal_run[0])
+    dims = ds.attrs["task_state_dims"]["state"]
+    names, state, ti = ds.attrs["task_names"], ds.read("state"), ds.read("task_index")
+    assert sorted(dims) == sorted(names)
+    checked, start = 0, 0
+    for end in ds.episode_ends:
+        for step, name in marks_from_task_index(ti[start:end], names):
+            first = start + int(np.nonzero(ti[start:end] == names.index(name))[0][0])
+            assert np.linalg.norm(state[first, dims[name]] - OBS_ELEMENT_GOALS[name]) >= BONUS_THRESH
+            if start + step + 1 < end:  # the episode's last subtask has no step past its end
+                assert np.linalg.norm(state[start + step + 1, dims[name]] - OBS_ELEMENT_GOALS[name]) < BONUS_THRESH
+                checked += 1
+        start = int(end)
+    assert checked >= 4
+
+
+def test_unmoved_windows_put_the_subtask_object_back_and_say_not_done(goal_run):
+    """completion.unmoved: windows around a subtask's end, its object's dims at their start values on every
+    step, that subtask as goal, done = 0 on its steps (NaN on an earlier subtask's)."""
+    import torch
+
+    from vqbet_core.config import load_config
+    from vqbet_core.train.data import TrainingData
+
+    data, _, _ = goal_run
+    cfg = load_config("kitchen_goal", {"data": {"val_fraction": 0.0}, "completion": {"unmoved": 0.25}})
+    td = TrainingData(cfg, data, torch.device("cpu"), progress=False)
+    b = td.random_batch(td.train, 32, np.random.default_rng(0))
+    assert b.finished[0].shape[0] == 8 + 8  # completion.after windows, then the unmoved ones
+    eligible = td._unmoved_windows(td.train)
+    obs_idx = td.train.indices(eligible)[0]
+    obs, goal, done = td.unmoved_batch(td.train, eligible)
+    original = td.obs[torch.as_tensor(obs_idx)]
+    for row in range(len(eligible)):
+        k, first = td.near_task[obs_idx[row, -1]], td.near_start[obs_idx[row, -1]]
+        cols = td.unmoved_cols[k]
+        assert int(goal[row].argmax()) == k
+        assert torch.equal(obs[row][:, cols], td.obs[first, cols].expand(obs.shape[1], -1))
+        rest = torch.ones(td.obs_dim, dtype=torch.bool)
+        rest[cols] = False
+        assert torch.equal(obs[row][:, rest], original[row][:, rest])  # the arm and other objects as recorded
+        scored = torch.as_tensor(obs_idx[row] >= first)
+        assert torch.equal(~torch.isnan(done[row]), scored) and (done[row][scored] == 0).all()
+    moved = (original - obs).abs().sum(dim=(0, 1)) > 0
+    assert moved.any()  # at least one window had its object moved before the reset
+
+
+def test_unmoved_needs_the_recorded_dims(goal_run, tmp_path):
+    import shutil
+
+    import torch
+
+    from vqbet_core.config import load_config
+    from vqbet_core.errors import DatasetError
+    from vqbet_core.train.data import TrainingData
+
+    copy = tmp_path / "no_dims.zarr"
+    shutil.copytree(goal_run[0], copy)
+    ds = ZarrDataset.open(copy, "a")
+    ds.update_attrs({"task_state_dims": None})
+    cfg = load_config("kitchen_goal", {"data": {"val_fraction": 0.0}, "completion": {"unmoved": 0.25}})
+    with pytest.raises(DatasetError, match="task_state_dims"):
+        TrainingData(cfg, copy, torch.device("cpu"), progress=False)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from vqbet_core.data.tasks import (completion_targets, finished_subtask, marks_from_task_index, named_goal_vectors,
-                                   one_hot_goals, task_index_from_marks)
+                                   near_subtask_end, one_hot_goals, task_index_from_marks)
 from vqbet_core.errors import VqbetError
 from vqbet_core.runtime.sequencer import TaskSequencer
 
@@ -47,6 +47,18 @@ def test_finished_subtask_points_the_first_steps_past_an_end_at_it():
     assert finished_subtask(ti, np.array([12]), after=0)[0].tolist() == [-1] * 12
     with pytest.raises(VqbetError, match="after"):
         finished_subtask(ti, np.array([12]), after=-1)
+
+
+def test_near_subtask_end_covers_the_last_steps_and_the_first_steps_past_each_end():
+    # episode 1: kettle 0..3, microwave 4..6 (ends with the episode); episode 2: light switch 7..9, kettle 10..11
+    ti = np.array([1, 1, 1, 1, 0, 0, 0, 2, 2, 2, 1, 1])
+    task, first = near_subtask_end(ti, np.array([7, 12]), span=2)
+    # step 5 is past the kettle's end and in microwave's last two: its own run wins
+    assert task.tolist() == [-1, -1, 1, 1, 1, 0, 0, -1, 2, 2, 1, 1]
+    assert first.tolist() == [-1, -1, 0, 0, 0, 4, 4, -1, 7, 7, 10, 10]
+    assert near_subtask_end(np.array([-1, -1]), np.array([2]), 3)[0].tolist() == [-1, -1]
+    with pytest.raises(VqbetError, match="span"):
+        near_subtask_end(ti, np.array([12]), span=0)
 
 
 def test_one_hot_goals_and_named_vectors_agree():
@@ -129,3 +141,16 @@ def test_sequencer_refractory_time_after_an_advance():
     assert seq.finished
     with pytest.raises(VqbetError, match="refractory"):
         TaskSequencer(["kettle"], refractory=-1.0)
+
+
+@pytest.mark.parametrize("completion, needle", [
+    ({"unmoved": 1.5}, "completion.unmoved must be a number in \\[0, 1\\]"),
+    ({"unmoved": True}, "completion.unmoved must be"),
+    ({"horizon": 0, "after": 0, "unmoved": 0.25}, "unmoved > 0 needs the completion head"),
+])
+def test_bad_unmoved_settings_are_config_errors(completion, needle):
+    from vqbet_core.config import load_config
+    from vqbet_core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=needle):
+        load_config("kitchen_goal", {"completion": completion})

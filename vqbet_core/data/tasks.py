@@ -115,3 +115,31 @@ def finished_subtask(task_index: np.ndarray, episode_ends: np.ndarray, after: in
                     end_at[start + s] = start + last
         start = int(end)
     return task, end_at
+
+
+def near_subtask_end(task_index: np.ndarray, episode_ends: np.ndarray, span: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per step: the subtask whose end lies within ``span`` steps of it (-1 if none) and that run's first step.
+
+    ``(task (N,) int64, start (N,) int64)``. A step qualifies in the last ``span`` steps of its own subtask's
+    run or in the first ``span`` steps past a run's end (while it belongs to a subtask); its own run wins.
+    These are the steps where the arm looks as it does when a subtask is done (TrainingData.unmoved_batch).
+    """
+    if span < 1:
+        raise VqbetError(f"span must be >= 1 step, got {span}")
+    ti = np.asarray(task_index)
+    task = np.full(len(ti), -1, dtype=np.int64)
+    first = np.full(len(ti), -1, dtype=np.int64)
+    start = 0
+    for end in np.asarray(episode_ends, dtype=np.int64):
+        ep = ti[start:end]
+        lasts = np.nonzero((ep >= 0) & (np.append(ep[1:], -2) != ep))[0]
+        firsts = np.nonzero((ep >= 0) & (np.insert(ep[:-1], 0, -2) != ep))[0]
+        for run_first, last in zip(firsts, lasts):
+            past = np.arange(last + 1, min(last + span, len(ep) - 1) + 1)
+            past = past[(ep[past] >= 0) & (task[start + past] < 0)]
+            task[start + past], first[start + past] = ep[last], start + run_first
+        for run_first, last in zip(firsts, lasts):  # a step's own run wins over the previous one's end
+            own = np.arange(max(run_first, last - span + 1), last + 1)
+            task[start + own], first[start + own] = ep[last], start + run_first
+        start = int(end)
+    return task, first

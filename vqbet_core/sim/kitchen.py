@@ -236,7 +236,16 @@ class KitchenEnv(SimEnv):
             "action_mode": self.action_mode,
             "action_dim": self.action_dim,
             "state_velocities": self.state_velocities,
+            **({"task_state_dims": {"state": self.task_state_dims()}} if "state" in self.obs_keys else {}),
         }
+
+    def task_state_dims(self) -> dict[str, list[int]]:
+        """Per subtask, the indices into ``obs["state"]`` its completion is judged on (the official
+        ``OBS_ELEMENT_INDICES``, moved past the robot velocities when the state carries them). Kept with the
+        demos so training can show the completion head a subtask's object left where it started
+        (``completion.unmoved``) without knowing the kitchen."""
+        shift = 0 if not self.state_velocities else 9  # 59-d state: robot qpos 9, robot qvel 9, object qpos ...
+        return {task: [int(i) + (shift if int(i) >= 9 else 0) for i in OBS_ELEMENT_INDICES[task]] for task in self.tasks}
 
     # ------------------------------------------------------------------ joint-space robot protocol (SimRobot)
     def joint_positions(self) -> np.ndarray:

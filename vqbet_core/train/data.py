@@ -102,15 +102,22 @@ class TrainingData:
             done = completion_targets(self.task_index, self.episode_ends, horizon)
             self.done = torch.as_tensor(done, dtype=torch.float32, device=device)
             self.task_index_t = torch.as_tensor(self.task_index, device=device)
-        self.after = int((cfg.get("completion") or {}).get("after") or 0) if self.done is not None else 0
-        self.after_fraction = float((cfg.get("completion") or {}).get("after_fraction", 0.25))
+        ccfg = cfg.get("completion") or {}
+        self.after = int(ccfg.get("after") or 0) if self.done is not None else 0
+        self.after_fraction = float(ccfg.get("after_fraction", 0.25))
+        self.unmoved = float(ccfg.get("unmoved") or 0.0) if self.done is not None else 0.0
+        if self.after or self.unmoved:
+            from vqbet_core.data.tasks import one_hot_goals
+
+            eye = one_hot_goals(np.arange(self.goal_dim), self.goal_dim)
+            self.goal_of_task = torch.as_tensor(normalizer.normalize("goal", eye), dtype=torch.float32, device=device)
         if self.after:
-            from vqbet_core.data.tasks import finished_subtask, one_hot_goals
+            from vqbet_core.data.tasks import finished_subtask
 
             task, end_at = finished_subtask(self.task_index, self.episode_ends, self.after)
             self.finished_task, self.finished_end = task, end_at
-            eye = one_hot_goals(np.arange(self.goal_dim), self.goal_dim)
-            self.goal_of_task = torch.as_tensor(normalizer.normalize("goal", eye), dtype=torch.float32, device=device)
+        if self.unmoved:
+            self._setup_unmoved(dcfg, {k: v.shape[1] for k, v in lowdim.items()}, {k: v.shape[1] for k, v in features.items()})
 
         train_eps, val_eps = split_episodes(self.n_episodes, float(dcfg["val_fraction"]), seed=int(cfg["train"]["seed"]))
         self.train_episodes, self.val_episodes = train_eps, val_eps
@@ -128,6 +135,37 @@ class TrainingData:
             ti = self.task_index_t[obs_idx_t]
             done = torch.where(ti == ti[:, -1:], self.done[obs_idx_t], torch.full_like(self.done[obs_idx_t], float("nan")))
         return Batch(self.obs[obs_idx_t], goal, self.actions[act_idx_t], done)
+
+    def _setup_unmoved(self, dcfg: dict, lowdim_dims: dict, feature_dims: dict) -> None:
+        """Where each subtask's object lives in the fused observation (from ``.zattrs task_state_dims``)."""
+        from vqbet_core.data.tasks import near_subtask_end
+        from vqbet_core.errors import DatasetError
+        from vqbet_core.vision.fusion import fusion_layout
+
+        recorded = self.dataset_attrs.get("task_state_dims")
+        if not isinstance(recorded, dict) or not recorded:
+            raise DatasetError(f"{self.path}: completion.unmoved needs .zattrs task_state_dims ({{obs key: {{subtask: "
+                               f"[state dims]}}}}, written by vqbet sim-demos for the kitchen), got {recorded!r}")
+        layout = fusion_layout({**lowdim_dims, **feature_dims}, dcfg["obs_keys"], dcfg["image_keys"])
+        names = list(self.dataset_attrs["task_names"])
+        cols: dict[int, list[int]] = {}
+        for key, per_task in recorded.items():
+            if key not in layout:
+                continue  # an observation this config does not use
+            lo, hi = layout[key]
+            for name, dims in per_task.items():
+                if name in names:
+                    if not all(isinstance(d, int) and 0 <= d < hi - lo for d in dims):
+                        raise DatasetError(f"{self.path}: task_state_dims[{key!r}][{name!r}] = {dims!r}: expected "
+                                           f"indices into the {hi - lo} values of '{key}'")
+                    cols.setdefault(names.index(name), []).extend(lo + d for d in dims)
+        if not cols:
+            raise DatasetError(f"{self.path}: completion.unmoved: task_state_dims names no dims of this config's "
+                               f"observations ({', '.join(layout)})")
+        self.unmoved_cols = {k: torch.as_tensor(v, device=self.device) for k, v in cols.items()}
+        task, first = near_subtask_end(self.task_index, self.episode_ends, max(1, self.after or 10))
+        task[~np.isin(task, list(cols))] = -1  # subtasks without known dims get no such windows
+        self.near_task, self.near_start = task, first
 
     def _subtask_goals(self, ds: ZarrDataset) -> np.ndarray:
         """One-hot goals from ``data/task_index`` and ``task_names``; names their vectors for export."""
@@ -149,7 +187,42 @@ class TrainingData:
             if len(eligible):
                 n = max(1, int(round(batch_size * self.after_fraction)))
                 b.finished = self.finished_batch(sampler, eligible[rng.integers(0, len(eligible), size=n)])
+        if self.unmoved:
+            eligible = self._unmoved_windows(sampler)
+            if len(eligible):
+                n = max(1, int(round(batch_size * self.unmoved)))
+                extra = self.unmoved_batch(sampler, eligible[rng.integers(0, len(eligible), size=n)])
+                b.finished = extra if b.finished is None else tuple(torch.cat(p) for p in zip(b.finished, extra))
         return b
+
+    def _unmoved_windows(self, sampler: SequenceSampler) -> np.ndarray:
+        """Sample indices of ``sampler`` whose current step lies near a subtask's end (cached)."""
+        cache = self.__dict__.setdefault("_unmoved_cache", {})
+        if id(sampler) not in cache:
+            obs_idx, _ = sampler.indices(np.arange(len(sampler)))
+            cache[id(sampler)] = np.nonzero(self.near_task[obs_idx[:, -1]] >= 0)[0]
+        return cache[id(sampler)]
+
+    def unmoved_batch(self, sampler: SequenceSampler, ks: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Windows around a subtask's end, that subtask as goal, its object's dims put back to where they were
+        when it started, on every step: the arm looks done, the object says not done, done = 0 (NaN on steps
+        of an earlier subtask). Why: the demos never show an arm at a subtask's end pose with the object
+        unmoved, so a head trained on them alone learned the arm's pose and fired when a grasp missed."""
+        obs_idx, _ = sampler.indices(ks)
+        last = obs_idx[:, -1]
+        task, first = self.near_task[last], self.near_start[last]
+        obs = self.obs[torch.as_tensor(obs_idx, device=self.device)].clone()
+        for k, cols in self.unmoved_cols.items():
+            rows = np.nonzero(task == k)[0]
+            if len(rows):
+                r = torch.as_tensor(rows, device=self.device)
+                start_values = self.obs[torch.as_tensor(first[rows], device=self.device)][:, cols]  # (n, c)
+                sub = obs[r]
+                sub[:, :, cols] = start_values[:, None, :]
+                obs[r] = sub
+        goal = self.goal_of_task[torch.as_tensor(task, device=self.device)]
+        done = torch.as_tensor(np.where(obs_idx >= first[:, None], 0.0, np.nan), dtype=torch.float32, device=self.device)
+        return obs, goal, done
 
     def _finished_windows(self, sampler: SequenceSampler) -> np.ndarray:
         """Sample indices of ``sampler`` whose current step lies just past a subtask's end (cached)."""
