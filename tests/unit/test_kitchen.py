@@ -259,3 +259,18 @@ def test_expert_success_rate_over_many_episodes():
         assert s["distinct_orders"] >= 15
     finally:
         e.close()
+
+
+def test_torch_imports_triton_safely_after_a_rendered_frame():
+    """Mesa's EGL and triton each bring an LLVM; triton imported after the first GL context segfaulted
+    (vector-quantize-pytorch makes torch import it). A fresh process: render, then import it."""
+    import subprocess
+    import sys
+
+    code = ("from vqbet_core.sim import make_env\n"
+            "env = make_env('kitchen', image_size=32)\n"
+            "assert env.reset(seed=0)['camera_front'].shape == (32, 32, 3)\n"
+            "import vector_quantize_pytorch\n"
+            "print('imported')\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "imported" in proc.stdout, proc.stderr[-1500:]

@@ -57,6 +57,18 @@ import numpy as np  # noqa: E402
 from vqbet_core.errors import VqbetError  # noqa: E402
 from vqbet_core.sim.base import EpisodeResult, Expert, SimEnv  # noqa: E402
 
+
+
+def _load_triton_before_gl() -> None:
+    """Import triton (when installed) before the first OpenGL context. Why: Mesa's EGL loads the system
+    libLLVM, and triton's own LLVM then segfaults at import - which torch does lazily, e.g. when
+    vector-quantize-pytorch is first imported after a rendered episode (seen with Mesa 22.3 / libLLVM-15
+    and triton 3.7). Loaded first, both live side by side. Nothing to do on machines without triton."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        pass
+
 # gymnasium_robotics prints an unrelated Adroit-reward notice to stderr when imported
 with contextlib.redirect_stderr(io.StringIO()):
     from gymnasium_robotics.envs.franka_kitchen.kitchen_env import (  # noqa: E402
@@ -320,6 +332,7 @@ class KitchenEnv(SimEnv):
         key = (size, size)
         renderer = self._renderers.get(key)
         if renderer is None:
+            _load_triton_before_gl()
             try:
                 renderer = self._renderers[key] = mujoco.Renderer(self.model, size, size)
             except mujoco.FatalError as exc:
