@@ -38,7 +38,9 @@ DEFAULTS: dict = {
     # unmoved > 0: that fraction of a batch's size is added as windows around a subtask's end with its own
     # object dims (.zattrs task_state_dims) put back where the subtask started, labelled not done
     # (TrainingData.unmoved_batch)
-    "completion": {"horizon": 0, "weight": 1.0, "hidden": 128, "after": 0, "after_fraction": 0.25, "unmoved": 0.0},
+    # obs_input: the head also reads the step's observation and goal (not only the GPT feature)
+    "completion": {"horizon": 0, "weight": 1.0, "hidden": 128, "after": 0, "after_fraction": 0.25, "unmoved": 0.0,
+                   "obs_input": False},
     "train": {
         "seed": 0,
         "device": "auto",
@@ -115,6 +117,8 @@ def validate_config(cfg: dict, where: str = "config") -> None:
                           f"got {unmoved!r}")
     if unmoved and not horizon:
         raise ConfigError(f"{where}: completion.unmoved > 0 needs the completion head: set completion.horizon >= 1")
+    if not isinstance(cfg["completion"].get("obs_input", False), bool):
+        raise ConfigError(f"{where}: completion.obs_input must be true or false, got {cfg['completion']['obs_input']!r}")
     fraction = cfg["completion"].get("after_fraction", 0.25)
     if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
         raise ConfigError(f"{where}: completion.after_fraction must be a number in (0, 1], got {fraction!r}")

@@ -202,3 +202,22 @@ def test_unmoved_needs_the_recorded_dims(goal_run, tmp_path):
     cfg = load_config("kitchen_goal", {"data": {"val_fraction": 0.0}, "completion": {"unmoved": 0.25}})
     with pytest.raises(DatasetError, match="task_state_dims"):
         TrainingData(cfg, copy, torch.device("cpu"), progress=False)
+
+
+def test_init_from_gives_an_obs_input_head_a_fresh_start_and_keeps_the_policy(goal_run, tmp_path):
+    """--init-from a run whose head read the GPT feature only, with completion.obs_input: the GPT and action
+    heads carry over unchanged (nothing but the head trains here), the head starts anew."""
+    from vqbet_core.train.checkpoint import load_tensors
+
+    data, run, _ = goal_run
+    out = tmp_path / "obs_head"
+    assert vqbet(["train", "--config", "kitchen_goal", "--data", str(data), "--out", str(out), "--no-progress",
+                  "--init-from", str(run), *TINY, "--set", "completion.obs_input=true",
+                  "--set", "completion.unmoved=0.25", "--set", "train.offset_only_after=0",
+                  "--set", "loss.offset=0.0"]) == 0
+    before = load_tensors(run / "checkpoint" / "model.safetensors", "cpu")
+    after = load_tensors(out / "checkpoint" / "model.safetensors", "cpu")
+    assert after["completion_head.0.weight"].shape[1] > before["completion_head.0.weight"].shape[1]
+    for key in before:
+        if key.startswith(("gpt.", "primary_head.", "secondary_head.", "tokenizer.")):
+            assert np.allclose(before[key].numpy(), after[key].numpy()), key

@@ -102,6 +102,34 @@ def test_completion_loss_is_bce_on_the_scored_steps_only():
         assert heads.completion.shape == (2,) and ((heads.completion >= 0) & (heads.completion <= 1)).all()
 
 
+def test_an_obs_input_head_reads_feature_observation_and_goal():
+    """completion.obs_input: the head's input is [GPT feature, the step's observation, the goal]."""
+    from vqbet_core.config import DEFAULTS, deep_merge
+    from vqbet_core.models import build_policy
+
+    cfg = deep_merge(DEFAULTS, {"obs_window": 3, "gpt": {"n_layer": 1, "n_head": 2, "n_embd": 16},
+                                "vq": {"code_dim": 8, "hidden": 8}, "heads": {"hidden": 8},
+                                "completion": {"horizon": 1, "hidden": 8, "obs_input": True},
+                                "data": {"goal_key": "task_index"}})
+    torch.manual_seed(0)
+    for kind in ("vqbet", "bet"):
+        policy = build_policy({**cfg, "policy": kind}, obs_dim=4, action_dim=2, goal_dim=3).eval()
+        assert policy.completion_head[0].in_features == 16 + 4 + 3
+        obs, goal = torch.randn(2, 3, 4), torch.eye(3)[:2]
+        feats = policy.gpt(obs, goal)
+        done = torch.tensor([[float("nan"), 0.0, 1.0], [0.0, 0.0, 1.0]])
+        loss, _ = policy._completion_loss(feats, done, None, obs, goal)
+        inputs = torch.cat([feats, obs, goal.unsqueeze(1).expand(2, 3, 3)], dim=-1)
+        logits = policy.completion_head(inputs).squeeze(-1)
+        mask = ~torch.isnan(done)
+        assert torch.allclose(loss, torch.nn.functional.binary_cross_entropy_with_logits(logits[mask], done[mask]))
+        heads = policy.heads(obs, goal)
+        assert torch.allclose(heads.completion, torch.sigmoid(logits[:, -1]))  # the last step's, as at run time
+        moved = obs.clone()
+        moved[:, -1, 0] += 5.0  # the observation alone changes the score (the GPT sees it too, but not only)
+        assert not torch.allclose(policy.heads(moved, goal).completion, heads.completion)
+
+
 def test_a_policy_without_the_head_has_no_completion():
     from vqbet_core.config import DEFAULTS, deep_merge
     from vqbet_core.models import build_policy

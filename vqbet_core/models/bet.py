@@ -105,7 +105,7 @@ class BeTPolicy(Policy):
     def heads(self, obs: torch.Tensor, goal: torch.Tensor | None) -> Heads:
         feat = self.gpt(obs, goal)[:, -1]
         logits, offsets = self._outputs(feat)
-        return Heads(logits.unsqueeze(1), None, offsets.unsqueeze(1), self._completion(feat))
+        return Heads(logits.unsqueeze(1), None, offsets.unsqueeze(1), self._completion(feat, obs[:, -1], goal))
 
     @torch.no_grad()
     def decode_table(self) -> torch.Tensor:
@@ -117,7 +117,7 @@ class BeTPolicy(Policy):
                     done: torch.Tensor | None = None, finished: tuple | None = None) -> tuple[torch.Tensor, dict]:
         check_actions(actions, obs, self.action_chunk, self.action_dim)
         feats = self.gpt(obs, goal)
-        completion_loss, completion_metrics = self._completion_loss(feats, done, finished)
+        completion_loss, completion_metrics = self._completion_loss(feats, done, finished, obs, goal)
         logits, offsets = self._outputs(feats.reshape(-1, feats.shape[-1]))
         chunks = actions.reshape(-1, self.chunk_dim).float()
         true = self.nearest_bin(chunks)

@@ -162,7 +162,7 @@ class VQBeTPolicy(Policy):
         feat = self.gpt(obs, goal)[:, -1]
         batch, C = feat.shape[0], self.n_codes
         offsets = self._offsets(feat)
-        completion = self._completion(feat)
+        completion = self._completion(feat, obs[:, -1], goal)
         if not self.sequential:
             return Heads(self.code_head(feat).reshape(batch, self.n_layers, C), None, offsets, completion)
         first = self.primary_head(feat)
@@ -188,7 +188,7 @@ class VQBeTPolicy(Policy):
         w = self.cfg["loss"]
         gamma = float(w["focal_gamma"])
         feats = self.gpt(obs, goal)
-        completion_loss, completion_metrics = self._completion_loss(feats, done, finished)
+        completion_loss, completion_metrics = self._completion_loss(feats, done, finished, obs, goal)
         feats = feats.reshape(-1, feats.shape[-1])
         chunks = actions.reshape(-1, self.chunk_dim).float()
         true = self.tokenizer.encode(chunks)

@@ -147,6 +147,8 @@ class Trainer:
             raise CheckpointError(f"{self.run_dir}: was trained on other data (hash {self.meta['data_hash']}, now {self.data.data_hash}); use --fresh")
         self.policy = build_policy(cfg, self.data.obs_dim, self.data.action_dim, self.data.goal_dim).to(self.device)
         if resume_state is not None:
+            if weights_dir != self.run_dir:  # --init-from: a completion head whose input changed starts fresh
+                resume_state = self._fresh_completion_head(resume_state)
             try:
                 self.policy.load_state_dict(resume_state)
             except RuntimeError as exc:
@@ -187,6 +189,18 @@ class Trainer:
         self.meta.update({"phase1_step": int(self.tcfg["phase1_steps"]), "phase2_step": 0, "init_from": str(source.resolve())})
         normalizer = Normalizer.from_flat({k: v.numpy() for k, v in load_tensors(source / CKPT / "normalizer.safetensors").items()})
         return normalizer, load_tensors(source / CKPT / "model.safetensors", self.device)
+
+    def _fresh_completion_head(self, state: dict) -> dict:
+        """The source's weights with its completion head replaced by this policy's new one when their shapes
+        differ (``completion.obs_input`` changes the head's input): the GPT and action heads carry over, the
+        head is trained anew. Why: a better completion head should not cost a retrained policy."""
+        own = self.policy.state_dict()
+        keys = [k for k in state if k.startswith("completion_head.")]
+        if keys and any(k not in own or own[k].shape != state[k].shape for k in keys):
+            state = {k: v for k, v in state.items() if not k.startswith("completion_head.")}
+            state.update({k: v for k, v in own.items() if k.startswith("completion_head.")})
+            self.meta["init_from_fresh_completion_head"] = True
+        return state
 
     def _load_optimizer_state(self):
         ck = self.run_dir / CKPT
