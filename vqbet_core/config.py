@@ -76,8 +76,8 @@ def named_configs() -> list[str]:
     return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
 
 
-def load_config(name_or_path: str, overrides: dict | None = None) -> dict:
-    """Load a named config (``multipath``) or a YAML path, merged over ``DEFAULTS``."""
+def _read_config(name_or_path: str, seen: tuple[str, ...] = ()) -> tuple[dict, Path]:
+    """One config file as written, merged over the config its ``base:`` names (a named config or a path)."""
     path = Path(name_or_path)
     if not path.suffix:
         path = CONFIG_DIR / f"{name_or_path}.yaml"
@@ -89,6 +89,24 @@ def load_config(name_or_path: str, overrides: dict | None = None) -> dict:
         raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
     if not isinstance(user, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
+    base = user.pop("base", None)
+    if base is None:
+        return user, path
+    if not isinstance(base, str) or not base:
+        raise ConfigError(f"{path}: base must be a config name or path, got {base!r}")
+    if str(path.resolve()) in seen:
+        raise ConfigError(f"{path}: its base configs name it again ({base!r})")
+    parent, _ = _read_config(base, seen + (str(path.resolve()),))
+    return deep_merge(parent, user), path
+
+
+def load_config(name_or_path: str, overrides: dict | None = None) -> dict:
+    """Load a named config (``multipath``) or a YAML path, merged over ``DEFAULTS``.
+
+    A config may start from another (``base: kitchen_goal``) and change only what differs: a second
+    training stage is then named by what it changes, not by a copy that drifts from its base.
+    """
+    user, path = _read_config(name_or_path)
     cfg = deep_merge(DEFAULTS, user)
     cfg = deep_merge(cfg, overrides or {})
     validate_config(cfg, str(path))

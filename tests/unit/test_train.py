@@ -183,3 +183,32 @@ def test_torchrun_data_parallel_on_cpu(tmp_path, data):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (tmp_path / "ddp" / "checkpoint" / "meta.yaml").exists()
     assert proc.stdout.count('"phase2_step": 10') == 1  # only rank 0 reports
+
+
+def test_a_config_starts_from_its_base_and_changes_only_what_it_names(tmp_path):
+    from vqbet_core.errors import ConfigError
+
+    head = load_config("kitchen_goal_head")
+    goal = load_config("kitchen_goal")
+    assert head["name"] == "kitchen_goal_head" and head["completion"]["obs_input"] is True
+    assert head["data"] == goal["data"] and head["gpt"] == goal["gpt"] and head["vq"] == goal["vq"]
+    assert head["train"]["offset_only_after"] == 0 and head["train"]["phase1_steps"] == goal["train"]["phase1_steps"]
+    child = tmp_path / "child.yaml"
+    child.write_text(f"base: {tmp_path / 'parent.yaml'}\nobs_window: 3\n")
+    (tmp_path / "parent.yaml").write_text("base: multipath\nobs_window: 7\naction_chunk: 2\n")
+    cfg = load_config(str(child))
+    assert cfg["obs_window"] == 3 and cfg["action_chunk"] == 2 and cfg["data"] == load_config("multipath")["data"]
+    (tmp_path / "parent.yaml").write_text(f"base: {child}\n")
+    with pytest.raises(ConfigError, match="name it again"):
+        load_config(str(child))
+    child.write_text("base: [kitchen]\n")
+    with pytest.raises(ConfigError, match="base must be a config name"):
+        load_config(str(child))
+
+
+def test_a_head_only_stage_without_a_run_to_start_from_is_refused(tmp_path, data, capsys):
+    from vqbet_core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="--init-from"):
+        Trainer(tiny_cfg(offset_only_after=0.0), data, tmp_path / "r", progress=False)
+    assert not (tmp_path / "r").exists()

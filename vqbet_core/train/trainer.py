@@ -112,6 +112,9 @@ class Trainer:
         torch.manual_seed(int(self.tcfg["seed"]) + self.rank)
         self.rng = np.random.default_rng(int(self.tcfg["seed"]) + 1000 * self.rank)
 
+        if float(self.tcfg["offset_only_after"]) == 0 and init_from is None and (fresh or not checkpoint_exists(self.run_dir)):
+            raise ConfigError(f"{self.run_dir}: train.offset_only_after is 0 (the GPT never trains in phase 2): start "
+                              f"from a trained run with --init-from RUN")
         self.meta = {"phase1_step": 0, "phase2_step": 0}
         normalizer = None
         resume_state = None
