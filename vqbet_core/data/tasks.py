@@ -56,6 +56,21 @@ def marks_from_task_index(task_index: np.ndarray, task_names: list[str]) -> list
     return marks
 
 
+def subtask_runs(task_index: np.ndarray, episode_ends: np.ndarray):
+    """Each run of one subtask in each episode: ``(episode start, episode labels, first step, last step)``,
+    steps counted within the episode. A run ends where the label changes or the episode ends; ``-1`` steps
+    belong to no run."""
+    ti = np.asarray(task_index)
+    start = 0
+    for end in np.asarray(episode_ends, dtype=np.int64):
+        ep = ti[start:end]
+        firsts = np.nonzero((ep >= 0) & (np.insert(ep[:-1], 0, -2) != ep))[0]
+        lasts = np.nonzero((ep >= 0) & (np.append(ep[1:], -2) != ep))[0]
+        for run_first, last in zip(firsts, lasts):
+            yield start, ep, int(run_first), int(last)
+        start = int(end)
+
+
 def completion_targets(task_index: np.ndarray, episode_ends: np.ndarray, horizon: int) -> np.ndarray:
     """float32 (N,): 1 where the step's subtask ends within ``horizon`` steps (this one included), else 0.
 
@@ -63,16 +78,9 @@ def completion_targets(task_index: np.ndarray, episode_ends: np.ndarray, horizon
     """
     if horizon < 1:
         raise VqbetError(f"completion horizon must be >= 1 step, got {horizon}")
-    ti = np.asarray(task_index)
-    out = np.zeros(len(ti), dtype=np.float32)
-    start = 0
-    for end in np.asarray(episode_ends, dtype=np.int64):
-        ep = ti[start:end]
-        # last step of each subtask run: the label changes after it, or the episode ends
-        lasts = np.nonzero((ep >= 0) & (np.append(ep[1:], -2) != ep))[0]
-        for last in lasts:
-            out[start + max(0, last - horizon + 1) : start + last + 1] = 1.0
-        start = int(end)
+    out = np.zeros(len(task_index), dtype=np.float32)
+    for start, _, _, last in subtask_runs(task_index, episode_ends):
+        out[start + max(0, last - horizon + 1) : start + last + 1] = 1.0
     return out
 
 
@@ -101,19 +109,13 @@ def finished_subtask(task_index: np.ndarray, episode_ends: np.ndarray, after: in
     """
     if after < 0:
         raise VqbetError(f"completion after must be >= 0 steps, got {after}")
-    ti = np.asarray(task_index)
-    task = np.full(len(ti), -1, dtype=np.int64)
-    end_at = np.full(len(ti), -1, dtype=np.int64)
-    start = 0
-    for end in np.asarray(episode_ends, dtype=np.int64):
-        ep = ti[start:end]
-        lasts = np.nonzero((ep >= 0) & (np.append(ep[1:], -2) != ep))[0]
-        for last in lasts:
-            for s in range(last + 1, min(last + after, len(ep) - 1) + 1):
-                if ep[s] >= 0:
-                    task[start + s] = ep[last]
-                    end_at[start + s] = start + last
-        start = int(end)
+    task = np.full(len(task_index), -1, dtype=np.int64)
+    end_at = np.full(len(task_index), -1, dtype=np.int64)
+    for start, ep, _, last in subtask_runs(task_index, episode_ends):
+        for s in range(last + 1, min(last + after, len(ep) - 1) + 1):
+            if ep[s] >= 0:
+                task[start + s] = ep[last]
+                end_at[start + s] = start + last
     return task, end_at
 
 
@@ -126,20 +128,14 @@ def near_subtask_end(task_index: np.ndarray, episode_ends: np.ndarray, span: int
     """
     if span < 1:
         raise VqbetError(f"span must be >= 1 step, got {span}")
-    ti = np.asarray(task_index)
-    task = np.full(len(ti), -1, dtype=np.int64)
-    first = np.full(len(ti), -1, dtype=np.int64)
-    start = 0
-    for end in np.asarray(episode_ends, dtype=np.int64):
-        ep = ti[start:end]
-        lasts = np.nonzero((ep >= 0) & (np.append(ep[1:], -2) != ep))[0]
-        firsts = np.nonzero((ep >= 0) & (np.insert(ep[:-1], 0, -2) != ep))[0]
-        for run_first, last in zip(firsts, lasts):
-            past = np.arange(last + 1, min(last + span, len(ep) - 1) + 1)
-            past = past[(ep[past] >= 0) & (task[start + past] < 0)]
-            task[start + past], first[start + past] = ep[last], start + run_first
-        for run_first, last in zip(firsts, lasts):  # a step's own run wins over the previous one's end
-            own = np.arange(max(run_first, last - span + 1), last + 1)
-            task[start + own], first[start + own] = ep[last], start + run_first
-        start = int(end)
+    task = np.full(len(task_index), -1, dtype=np.int64)
+    first = np.full(len(task_index), -1, dtype=np.int64)
+    runs = list(subtask_runs(task_index, episode_ends))
+    for start, ep, run_first, last in runs:
+        past = np.arange(last + 1, min(last + span, len(ep) - 1) + 1)
+        past = past[(ep[past] >= 0) & (task[start + past] < 0)]
+        task[start + past], first[start + past] = ep[last], start + run_first
+    for start, ep, run_first, last in runs:  # a step's own run wins over the previous one's end
+        own = np.arange(max(run_first, last - span + 1), last + 1)
+        task[start + own], first[start + own] = ep[last], start + run_first
     return task, first

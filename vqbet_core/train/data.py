@@ -195,13 +195,17 @@ class TrainingData:
                 b.finished = extra if b.finished is None else tuple(torch.cat(p) for p in zip(b.finished, extra))
         return b
 
-    def _unmoved_windows(self, sampler: SequenceSampler) -> np.ndarray:
-        """Sample indices of ``sampler`` whose current step lies near a subtask's end (cached)."""
-        cache = self.__dict__.setdefault("_unmoved_cache", {})
-        if id(sampler) not in cache:
+    def _windows_where(self, sampler: SequenceSampler, per_step: np.ndarray, name: str) -> np.ndarray:
+        """Sample indices of ``sampler`` whose current step has ``per_step >= 0`` (cached per ``name``)."""
+        cache = self.__dict__.setdefault("_window_cache", {})
+        if (name, id(sampler)) not in cache:
             obs_idx, _ = sampler.indices(np.arange(len(sampler)))
-            cache[id(sampler)] = np.nonzero(self.near_task[obs_idx[:, -1]] >= 0)[0]
-        return cache[id(sampler)]
+            cache[(name, id(sampler))] = np.nonzero(per_step[obs_idx[:, -1]] >= 0)[0]
+        return cache[(name, id(sampler))]
+
+    def _unmoved_windows(self, sampler: SequenceSampler) -> np.ndarray:
+        """Sample indices of ``sampler`` whose current step lies near a subtask's end."""
+        return self._windows_where(sampler, self.near_task, "unmoved")
 
     def unmoved_batch(self, sampler: SequenceSampler, ks: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Windows around a subtask's end, that subtask as goal, its object's dims put back to where they were
@@ -225,12 +229,8 @@ class TrainingData:
         return obs, goal, done
 
     def _finished_windows(self, sampler: SequenceSampler) -> np.ndarray:
-        """Sample indices of ``sampler`` whose current step lies just past a subtask's end (cached)."""
-        cache = self.__dict__.setdefault("_finished_cache", {})
-        if id(sampler) not in cache:
-            obs_idx, _ = sampler.indices(np.arange(len(sampler)))
-            cache[id(sampler)] = np.nonzero(self.finished_task[obs_idx[:, -1]] >= 0)[0]
-        return cache[id(sampler)]
+        """Sample indices of ``sampler`` whose current step lies just past a subtask's end."""
+        return self._windows_where(sampler, self.finished_task, "finished")
 
     def finished_batch(self, sampler: SequenceSampler, ks: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Windows ending just past a subtask's end, the finished subtask as goal: done = 1 on the steps after
