@@ -350,6 +350,23 @@ class KitchenEnv(SimEnv):
             renderer.update_scene(self.data, camera=camera)
         return renderer.render().copy()
 
+    def render_state(self, state: np.ndarray, camera: str | None = None, size: int | None = None) -> np.ndarray:
+        """The frame ``camera`` sees with the kitchen posed as a recorded ``obs["state"]`` (30-d positions or the
+        59-d state). Why: re-rendering demo steps with one object put back (``completion.unmoved`` for image
+        policies) needs the scene of a step without replaying it. The env's own state is left as it was."""
+        q = positions_of(np.asarray(state, dtype=np.float64).reshape(-1))
+        if q.shape != (self.model.nq,) or not np.all(np.isfinite(q)):
+            raise VqbetError(f"kitchen state of {np.asarray(state).size} values: expected 30 (positions) or 59 finite numbers")
+        saved_q, saved_v = self.data.qpos.copy(), self.data.qvel.copy()
+        try:
+            self.data.qpos[:] = q
+            self.data.qvel[:] = 0.0
+            mujoco.mj_forward(self.model, self.data)
+            return self.render(camera, size)
+        finally:
+            self.data.qpos[:], self.data.qvel[:] = saved_q, saved_v
+            mujoco.mj_forward(self.model, self.data)
+
     def close(self) -> None:
         for r in self._renderers.values():
             r.close()

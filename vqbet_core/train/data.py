@@ -117,7 +117,7 @@ class TrainingData:
             task, end_at = finished_subtask(self.task_index, self.episode_ends, self.after)
             self.finished_task, self.finished_end = task, end_at
         if self.unmoved:
-            self._setup_unmoved(dcfg, {k: v.shape[1] for k, v in lowdim.items()}, {k: v.shape[1] for k, v in features.items()})
+            self._setup_unmoved(cfg, ds, lowdim, features, encoder, cache_dir, progress)
 
         train_eps, val_eps = split_episodes(self.n_episodes, float(dcfg["val_fraction"]), seed=int(cfg["train"]["seed"]))
         self.train_episodes, self.val_episodes = train_eps, val_eps
@@ -136,36 +136,67 @@ class TrainingData:
             done = torch.where(ti == ti[:, -1:], self.done[obs_idx_t], torch.full_like(self.done[obs_idx_t], float("nan")))
         return Batch(self.obs[obs_idx_t], goal, self.actions[act_idx_t], done)
 
-    def _setup_unmoved(self, dcfg: dict, lowdim_dims: dict, feature_dims: dict) -> None:
-        """Where each subtask's object lives in the fused observation (from ``.zattrs task_state_dims``)."""
+    def _setup_unmoved(self, cfg: dict, ds: ZarrDataset, lowdim: dict, features: dict, encoder, cache_dir, progress: bool) -> None:
+        """Where each subtask's object lives (from ``.zattrs task_state_dims``): its columns in the fused
+        observation for low-dim configs; for camera configs, the steps near each subtask's end re-rendered
+        with the object put back (vqbet_core.vision.unmoved_frames), fused as ``unmoved_obs``."""
         from vqbet_core.data.tasks import near_subtask_end
         from vqbet_core.errors import DatasetError
         from vqbet_core.vision.fusion import fusion_layout
 
+        dcfg = cfg["data"]
         recorded = self.dataset_attrs.get("task_state_dims")
         if not isinstance(recorded, dict) or not recorded:
             raise DatasetError(f"{self.path}: completion.unmoved needs .zattrs task_state_dims ({{obs key: {{subtask: "
                                f"[state dims]}}}}, written by vqbet sim-demos for the kitchen), got {recorded!r}")
-        layout = fusion_layout({**lowdim_dims, **feature_dims}, dcfg["obs_keys"], dcfg["image_keys"])
         names = list(self.dataset_attrs["task_names"])
-        cols: dict[int, list[int]] = {}
+        dims_of = {}  # (obs key, task) -> dims, checked against the key's width
         for key, per_task in recorded.items():
-            if key not in layout:
-                continue  # an observation this config does not use
-            lo, hi = layout[key]
+            width = lowdim[key].shape[1] if key in lowdim else (int(np.prod(ds.array(key).shape[1:])) if key in ds.keys else None)
+            if width is None:
+                continue  # a recorded observation this dataset no longer holds
             for name, dims in per_task.items():
                 if name in names:
-                    if not all(isinstance(d, int) and 0 <= d < hi - lo for d in dims):
+                    if not all(isinstance(d, int) and 0 <= d < width for d in dims):
                         raise DatasetError(f"{self.path}: task_state_dims[{key!r}][{name!r}] = {dims!r}: expected "
-                                           f"indices into the {hi - lo} values of '{key}'")
-                    cols.setdefault(names.index(name), []).extend(lo + d for d in dims)
-        if not cols:
+                                           f"indices into the {width} values of '{key}'")
+                    dims_of[(key, names.index(name))] = list(dims)
+        layout = fusion_layout({**{k: v.shape[1] for k, v in lowdim.items()}, **{k: v.shape[1] for k, v in features.items()}},
+                               dcfg["obs_keys"], dcfg["image_keys"])
+        cols: dict[int, list[int]] = {}
+        for (key, task), dims in dims_of.items():
+            if key in layout:
+                cols.setdefault(task, []).extend(layout[key][0] + d for d in dims)
+        rendered = {task: dims for (key, task), dims in dims_of.items() if key == "state"} if dcfg["image_keys"] else {}
+        if not cols and not rendered:
             raise DatasetError(f"{self.path}: completion.unmoved: task_state_dims names no dims of this config's "
                                f"observations ({', '.join(layout)})")
         self.unmoved_cols = {k: torch.as_tensor(v, device=self.device) for k, v in cols.items()}
         task, first = near_subtask_end(self.task_index, self.episode_ends, max(1, self.after or 10))
-        task[~np.isin(task, list(cols))] = -1  # subtasks without known dims get no such windows
+        task[~np.isin(task, list(set(cols) | set(rendered)))] = -1  # subtasks without known dims get no such windows
         self.near_task, self.near_start = task, first
+        self.unmoved_obs = None
+        if rendered:
+            self._render_unmoved(cfg, ds, lowdim, encoder, cache_dir, progress, rendered)
+
+    def _render_unmoved(self, cfg: dict, ds: ZarrDataset, lowdim: dict, encoder, cache_dir, progress: bool,
+                        dims_of_task: dict[int, list[int]]) -> None:
+        """``unmoved_obs`` (M, obs_dim): the fused observation of every step an unmoved window shows, cameras
+        re-rendered with the window's subtask's object at its start; ``unmoved_row`` (N, tasks) finds the row."""
+        from vqbet_core.vision.fusion import fuse_observation
+        from vqbet_core.vision.unmoved_frames import unmoved_features, unmoved_steps
+
+        dcfg = cfg["data"]
+        steps, tasks, starts = unmoved_steps(self.near_task, self.near_start, int(cfg["obs_window"]))
+        feats = {key: unmoved_features(ds, key, encoder, cfg["vision"], steps, starts,
+                                       [np.asarray(dims_of_task[int(t)]) for t in tasks], cache_dir=cache_dir,
+                                       progress=progress) for key in dcfg["image_keys"]}
+        n = self.normalizer
+        obs = fuse_observation({k: n.normalize(k, v[steps]) for k, v in lowdim.items()},
+                               {k: n.normalize(k, v) for k, v in feats.items()}, dcfg["obs_keys"], dcfg["image_keys"])
+        self.unmoved_obs = torch.as_tensor(obs, dtype=torch.float32, device=self.device)
+        self.unmoved_row = np.full((len(self.task_index), self.goal_dim), -1, dtype=np.int64)
+        self.unmoved_row[steps, tasks] = np.arange(len(steps))
 
     def _subtask_goals(self, ds: ZarrDataset) -> np.ndarray:
         """One-hot goals from ``data/task_index`` and ``task_names``; names their vectors for export."""
@@ -216,6 +247,12 @@ class TrainingData:
         last = obs_idx[:, -1]
         task, first = self.near_task[last], self.near_start[last]
         obs = self.obs[torch.as_tensor(obs_idx, device=self.device)].clone()
+        if self.unmoved_obs is not None:  # cameras: the re-rendered steps, from the subtask's first step on
+            shown = obs_idx >= first[:, None]
+            rows = self.unmoved_row[obs_idx, task[:, None]][shown]
+            if (rows < 0).any():
+                raise RuntimeError("unmoved window asks for a step that was not re-rendered (unmoved_steps out of step)")
+            obs[torch.as_tensor(shown, device=self.device)] = self.unmoved_obs[torch.as_tensor(rows, device=self.device)]
         for k, cols in self.unmoved_cols.items():
             rows = np.nonzero(task == k)[0]
             if len(rows):
