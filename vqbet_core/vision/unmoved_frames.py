@@ -11,6 +11,8 @@ object's dims (``task_state_dims``) reset, then encoded by the frozen encoder.
 Rendering is the slow part (~35 ms a frame on a CPU), so the features are cached beside the dataset's own
 (vqbet_core.vision.feature_cache), keyed by the data, the steps asked for and the encoder. A real-robot
 recording has no simulator to re-render from: that is a one-line error, not a silent skip.
+Measured on the shipped image model: no gain (its early advances were objects stopped just short of their line,
+not untouched ones; docs/explanation/benchmarks.md, "the head stage on images"): trace a policy before using it.
 """
 
 from __future__ import annotations
