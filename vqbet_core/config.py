@@ -37,7 +37,7 @@ DEFAULTS: dict = {
     # (vqbet_core.data.tasks.finished_subtask); `after_fraction` of a batch's size is added as such windows.
     # unmoved > 0: that fraction of a batch's size is added as windows around a subtask's end with its own
     # object dims (.zattrs task_state_dims) put back where the subtask started, labelled not done
-    # (TrainingData.unmoved_batch)
+    # (TrainingData.unmoved_batch; camera configs: those steps re-rendered, vqbet_core.vision.unmoved_frames)
     # obs_input: the head also reads the step's observation and goal (not only the GPT feature)
     "completion": {"horizon": 0, "weight": 1.0, "hidden": 128, "after": 0, "after_fraction": 0.25, "unmoved": 0.0,
                    "obs_input": False},
