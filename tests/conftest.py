@@ -35,3 +35,22 @@ def ros_env(monkeypatch):
     monkeypatch.setenv("ROS_DOMAIN_ID", domain)
     monkeypatch.setenv("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
     return dict(os.environ)
+
+
+@pytest.fixture
+def head_stage_kept_policy():
+    """Check for a head-only stage (``--init-from RUN``): the completion head has a wider input than RUN's (it
+    started anew) and every policy tensor (GPT, code and offset heads, tokenizer) is RUN's."""
+    import numpy as np
+
+    from vqbet_core.train.checkpoint import load_tensors
+
+    def check(run, head):
+        before = load_tensors(run / "checkpoint" / "model.safetensors", "cpu")
+        after = load_tensors(head / "checkpoint" / "model.safetensors", "cpu")
+        assert after["completion_head.0.weight"].shape[1] > before["completion_head.0.weight"].shape[1]
+        for key in before:
+            if key.startswith(("gpt.", "primary_head.", "secondary_head.", "tokenizer.", "offset_head.")):
+                assert np.allclose(before[key].numpy(), after[key].numpy(), atol=1e-6), key
+
+    return check

@@ -134,26 +134,42 @@ def encoded_features(dataset, key: str, encoder: ImageEncoder, vision_cfg: dict,
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     fingerprint = encoder.fingerprint()
     digest = cache_key(dataset, key, fingerprint, preprocess)
-    path = cache_dir / f"{digest}.npy"
-    if path.exists():
-        try:
-            features = np.load(path)
-            if features.shape == (n, FEATURE_DIM) and features.dtype == np.float32:
-                log.info("feature cache hit: %s data/%s -> %s", dataset.path, key, path)
-                return features
-            log.warning("feature cache %s has shape %s, expected (%d, %d): re-encoding", path, features.shape, n, FEATURE_DIM)
-        except (OSError, ValueError) as exc:
-            log.warning("feature cache %s unreadable (%s): re-encoding", path, exc)
+    features = load_cached(cache_dir, digest, n)
+    if features is not None:
+        log.info("feature cache hit: %s data/%s -> %s", dataset.path, key, cache_dir / f"{digest}.npy")
+        return features
     log.info("feature cache miss: encoding %d frames of %s data/%s", n, dataset.path, key)
     features = encoder.encode(_Committed(array, n), preprocess, batch_size, progress=f"encoding {key}" if progress else None)
+    save_cached(cache_dir, digest, features, {"dataset": str(dataset.path), "key": key, "frames": n, "encoder": fingerprint,
+                                              "preprocess": preprocess.to_dict()})
+    return features
+
+
+def load_cached(cache_dir: Path, digest: str, n: int) -> np.ndarray | None:
+    """Features ``(n, 512)`` float32 stored under ``digest``, or None (missing, wrong shape or unreadable)."""
+    path = cache_dir / f"{digest}.npy"
+    if not path.exists():
+        return None
+    try:
+        features = np.load(path)
+    except (OSError, ValueError) as exc:
+        log.warning("feature cache %s unreadable (%s): re-encoding", path, exc)
+        return None
+    if features.shape != (n, FEATURE_DIM) or features.dtype != np.float32:
+        log.warning("feature cache %s has %s %s, expected float32 (%d, %d): re-encoding", path, features.dtype,
+                    features.shape, n, FEATURE_DIM)
+        return None
+    return features
+
+
+def save_cached(cache_dir: Path, digest: str, features: np.ndarray, info: dict) -> None:
+    """Store ``features`` as ``<digest>.npy`` (atomic: a crash never leaves a half-written file under the real
+    name) with ``info`` beside it in ``<digest>.json`` (what was encoded, for a person looking at the cache)."""
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = cache_dir / f".{digest}.{os.getpid()}.tmp.npy"
     np.save(tmp, features)
-    os.replace(tmp, path)  # atomic: a crash never leaves a half-written cache file under the real name
-    (cache_dir / f"{digest}.json").write_text(json.dumps(
-        {"dataset": str(dataset.path), "key": key, "frames": n, "encoder": fingerprint,
-         "preprocess": preprocess.to_dict(), "created": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=1))
-    return features
+    os.replace(tmp, cache_dir / f"{digest}.npy")
+    (cache_dir / f"{digest}.json").write_text(json.dumps({**info, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=1))
 
 
 # ---------------------------------------------------------------------- benchmark

@@ -9,7 +9,7 @@ recorded the demos (``.zattrs source: sim:<env>`` and ``env_args``) from the rec
 object's dims (``task_state_dims``) reset, then encoded by the frozen encoder.
 
 Rendering is the slow part (~35 ms a frame on a CPU), so the features are cached beside the dataset's own
-(vqbet_core.vision.feature_cache), keyed by the data, the steps asked for and the encoder. A real-robot
+(vqbet_core.vision.feature_cache), keyed by the posed states, the scene, the camera and the encoder. A real-robot
 recording has no simulator to re-render from: that is a one-line error, not a silent skip.
 Measured on the shipped image model: no gain (its early advances were objects stopped just short of their line,
 not untouched ones; docs/explanation/benchmarks.md, "the head stage on images"): trace a policy before using it.
@@ -20,15 +20,14 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from pathlib import Path
 
 import numpy as np
 
 from vqbet_core.data.store import ZarrDataset
 from vqbet_core.errors import DatasetError
-from vqbet_core.vision.encoder import FEATURE_DIM, ImageEncoder, check_vision_config, image_size_wh
-from vqbet_core.vision.feature_cache import cache_key, camera_frames, default_cache_dir
+from vqbet_core.vision.encoder import ARCH, ImageEncoder, check_vision_config, image_size_wh
+from vqbet_core.vision.feature_cache import camera_frames, default_cache_dir, load_cached, save_cached
 from vqbet_core.vision.preprocess import dataset_camera_preprocess
 
 log = logging.getLogger(__name__)
@@ -96,16 +95,25 @@ def unmoved_features(dataset: ZarrDataset, key: str, encoder: ImageEncoder, visi
     posed = state[steps].copy()
     for i, d in enumerate(dims):
         posed[i, d] = state[starts[i], d]
-    spec = {"kind": "unmoved", "frames": cache_key(dataset, key, encoder.fingerprint(), preprocess),
-            "posed": hashlib.sha256(np.ascontiguousarray(posed).tobytes()).hexdigest(), "camera": camera, "size": size}
-    digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
+    # the rendered frames depend on the posed states, the scene and the camera, not on the recorded frames
+    spec = {"kind": "unmoved", "version": 1, "posed": hashlib.sha256(np.ascontiguousarray(posed).tobytes()).hexdigest(),
+            "scene": [dataset.attrs.get("source"), dataset.attrs.get("env_args")], "camera": camera, "size": size,
+            "arch": ARCH, "encoder": encoder.fingerprint(), "preprocess": preprocess.to_dict()}
+    digest = hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    path = cache_dir / f"{digest}.npy"
-    if path.exists():
-        features = np.load(path)
-        if features.shape == (len(steps), FEATURE_DIM):
-            log.info("unmoved feature cache hit: %s", path)
-            return features
+    features = load_cached(cache_dir, digest, len(steps))
+    if features is not None:
+        log.info("unmoved feature cache hit: %s", cache_dir / f"{digest}.npy")
+        return features
+    env = _simulator(dataset, key)
+    try:
+        log.info("rendering %d unmoved frames of %s data/%s", len(steps), dataset.path, key)
+        features = encoder.encode(_Rerendered(env, camera, size, posed), preprocess, batch_size,
+                                  progress=f"rendering unmoved {key}" if progress else None)
+    finally:
+        env.close()
+    save_cached(cache_dir, digest, features, {**spec, "dataset": str(dataset.path), "key": key, "frames_rendered": len(steps)})
+    return features
     env = _simulator(dataset, key)
     try:
         log.info("rendering %d unmoved frames of %s data/%s", len(steps), dataset.path, key)
