@@ -114,17 +114,3 @@ def unmoved_features(dataset: ZarrDataset, key: str, encoder: ImageEncoder, visi
         env.close()
     save_cached(cache_dir, digest, features, {**spec, "dataset": str(dataset.path), "key": key, "frames_rendered": len(steps)})
     return features
-    env = _simulator(dataset, key)
-    try:
-        log.info("rendering %d unmoved frames of %s data/%s", len(steps), dataset.path, key)
-        features = encoder.encode(_Rerendered(env, camera, size, posed), preprocess, batch_size,
-                                  progress=f"rendering unmoved {key}" if progress else None)
-    finally:
-        env.close()
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = cache_dir / f".{digest}.{os.getpid()}.tmp.npy"
-    np.save(tmp, features)
-    os.replace(tmp, path)
-    (cache_dir / f"{digest}.json").write_text(json.dumps({**spec, "dataset": str(dataset.path), "key": key,
-                                                          "frames_rendered": len(steps)}, indent=1))
-    return features
